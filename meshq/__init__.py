@@ -1,5 +1,6 @@
 """meshq: a brokerless, multi-tenant, highly available message mesh."""
 
+from ._client import Client, Message, Subscription, connect
 from ._errors import (
     AuthorizationError,
     BadSubjectError,
@@ -18,6 +19,10 @@ from ._errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Client",
+    "Message",
+    "Subscription",
+    "connect",
     "AuthorizationError",
     "BadSubjectError",
     "ConnectionClosedError",

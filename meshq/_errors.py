@@ -51,3 +51,19 @@ class NoRespondersError(MeshqError):
 
 class BadSubjectError(MeshqError, ValueError):
     """A subject or subject pattern is not well formed."""
+
+
+class ConfigError(MeshqError, ValueError):
+    """A configuration or credentials value or file is missing, malformed or unusable."""
+
+
+class InsecurePermissionsError(ConfigError):
+    """A file holding a secret is accessible by group or others (fix with `chmod 600 FILE`)."""
+
+
+class BadFilterError(MeshqError, ValueError):
+    """A header filter expression is not well formed; the message names the bad clause."""
+
+
+class CorruptStateError(MeshqError, ValueError):
+    """Persisted state could not be decoded (damaged or written by an incompatible version)."""

@@ -1,0 +1,1047 @@
+"""The agent: accept from clients → persist to outbox → route → deliver → collect acks → delete.
+
+Theory of operation
+-------------------
+One thread runs one poll loop.  Each turn it drains every ready socket, handles the
+frames, then *commits the store once* (group commit: every publish accepted in this turn
+shares one fsync'ed LevelDB write), and only then acknowledges the publishes and sends
+the new outbox records.  Timers (heartbeats, retries, liveness, expiry of detached
+subscriptions) run at the end of each turn.
+
+Routing happens when a publish is accepted: the subject is matched against the
+directory (this agent's own subscriptions plus what every linked agent announced), and
+each message is written to the outbox stream of every destination agent and lane (see
+`_protocol` for streams).  The local agent is a destination like any other; its stream
+is delivered in-process instead of over a socket.
+
+On the receiving side a stream's messages are handed to the matching local
+subscriptions; the stream's watermark advances only when every consumer acked, and the
+watermark is what goes back to the producer as its cumulative ack.  A message whose
+subscription exists but whose client is away (reconnecting, agent restarted) is *held*:
+the producer is told to retry later, so it waits in the producer's outbox, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import _envelope as env
+from ._envelope import Kind, header_field, pack, unpack_header, unpack_items
+from ._errors import BadSubjectError, MeshqError, RemoteProtocolError
+from ._protocol import InboundStream, Liveness, StreamSender
+from ._store import Store, StreamKey
+from ._subject import SubjectIndex, validate_pattern, validate_subject
+from ._transport import AgentSockets, Dealer, default_client_endpoint
+
+log = logging.getLogger("meshq.agent")
+
+DEFAULT_TENANT = "default"
+SEQ_NEXT = b"n"
+SEQ_WATERMARK = b"w"
+
+
+@dataclass
+class AgentConfig:
+    """Everything an agent needs to start."""
+
+    data_dir: str
+    listen: str = "tcp://127.0.0.1:7400"
+    client_endpoint: str | None = None       # default: ipc://<data_dir>/agent.sock
+    peers: list[str] = field(default_factory=list)
+    name: str | None = None
+    advertise: str | None = None
+    durability: str = "fsync"
+    heartbeat_interval: float = 0.5
+    dead_after: float = 3.0
+    client_timeout: float = 10.0             # a silent client is detached after this
+    client_grace: float = 30.0               # a detached client's subscriptions live this long
+    ack_wait: float = 5.0
+    window_msgs: int = 20_000
+    hold_delay: float = 0.25                 # retry delay asked of producers for held messages
+
+
+@dataclass(eq=False)
+class LocalSub:
+    """A subscription of a local client (attached) or of one that is away (detached)."""
+
+    session: bytes
+    sid: int
+    tenant: str
+    pattern: str
+    group: str | None
+    conn: "ClientConn | None" = None
+    detached_until: float = 0.0
+    delivered: int = 0
+
+    @property
+    def key(self) -> bytes:
+        return b"l\x00" + self.tenant.encode() + b"\x00" + self.session.hex().encode() + b"\x00" + str(self.sid).encode()
+
+
+@dataclass(eq=False)
+class ClientConn:
+    """One connected client session."""
+
+    ident: bytes
+    name: str
+    tenant: str
+    liveness: Liveness
+    subs: dict[int, LocalSub] = field(default_factory=dict)
+    outstanding: dict[int, tuple] = field(default_factory=dict)  # tag -> (stream key, seq, counter)
+    next_tag: int = 1
+
+
+@dataclass(eq=False)
+class Peer:
+    """Another agent: the outgoing link (our DEALER) and what we know of it."""
+
+    agent_id: str
+    endpoint: str
+    dealer: Dealer | None
+    name: str = ""
+    source: str = "static"
+    up: bool = False                 # our HELLO was welcomed on the current connection
+    instance: str = ""
+    inbound_instance: str = ""       # its instance as last seen on our ROUTER
+    liveness: Liveness | None = None
+    hello_at: float = 0.0
+    dir_sent: dict = field(default_factory=dict)   # tenant -> version sent on this link
+    rtt: float | None = None
+    ping_at: float = 0.0
+
+
+class Agent:
+    """A meshq agent; `run()` serves until `stop()` (thread-safe) or a signal."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.store = Store(os.path.join(config.data_dir, "store"), config.durability)
+        try:
+            self._load_identity()
+            client_ep = config.client_endpoint or default_client_endpoint(config.data_dir)
+            self.sockets = AgentSockets(self.agent_id.encode(), config.listen, client_ep)
+        except BaseException:
+            self.store.close()
+            raise
+        self.instance = os.urandom(8).hex()
+        self.advertise = config.advertise or _advertised(self.sockets.peer_endpoint)
+        self.counters: dict[str, int] = {}
+        self._rng = random.Random()
+        self._stopping = False
+        self._stop_r, self._stop_w = os.pipe()
+        os.set_blocking(self._stop_r, False)
+        os.set_blocking(self._stop_w, False)
+        self.sockets.watch_fd(self._stop_r)
+        self.ready = threading.Event()
+
+        self.senders: dict[StreamKey, StreamSender] = {}
+        self.inbound: dict[tuple[str, str, str], InboundStream] = {}
+        self.peers: dict[str, Peer] = {}
+        self._dials: dict[Dealer, Peer] = {}          # dealer -> peer (agent id may be unknown yet)
+        self.clients: dict[bytes, ClientConn] = {}
+        self.local_subs: dict[tuple[bytes, int], LocalSub] = {}
+        self._local_index: dict[str, SubjectIndex] = {}
+        self._dir_version = int(self.store.get_meta("dirver") or b"0")
+        self._dir_dirty = False
+        self._remote_dir: dict[str, dict[str, tuple[int, list]]] = {}   # tenant -> origin -> (ver, entries)
+        self._routes: dict[str, SubjectIndex] = {}
+        self._route_cache: dict[tuple[str, str], tuple] = {}
+        self._local_cache: dict[tuple[str, str, str], list] = {}
+        self._pubacks: list[tuple[bytes, list]] = []
+        self._acks_due: set[tuple[str, str, str]] = set()
+        self._touched: set[StreamKey] = set()
+        self._next_timer = 0.0
+        self._load_state()
+
+    # ------------------------------------------------------------------ setup
+    def _load_identity(self) -> None:
+        raw = self.store.get_meta("id")
+        if raw is None:
+            raw = os.urandom(8).hex().encode()
+            self.store.put_meta("id", raw)
+            self.store.commit()
+        self.agent_id = raw.decode()
+        self.name = self.config.name or (self.store.get_meta("name") or b"").decode() or f"{socket.gethostname()}-{self.agent_id[:6]}"
+        self.store.put_meta("name", self.name.encode(), durable=False)
+
+    def _load_state(self) -> None:
+        now = time.monotonic()
+        next_seqs = {(t, p, l): v for t, p, l, v in self.store.seqs(SEQ_NEXT)}
+        for stream, msgs, _ in self.store.outbox_streams():
+            first = next(self.store.outbox_records(stream, 0, include_value=False))[0]
+            last_end = None
+            for seq, count in self.store.outbox_records(stream, 0, include_value=False):
+                last_end = seq + count
+            nxt = max(next_seqs.get(tuple(stream), 1), last_end or 1)
+            sender = self._new_sender(stream, nxt, first - 1)
+            sender.pending_msgs = msgs
+        for (t, p, l), v in next_seqs.items():
+            stream = StreamKey(t, p, l)
+            if stream not in self.senders:
+                self._new_sender(stream, v, v - 1)
+        for t, p, l, w in self.store.seqs(SEQ_WATERMARK):
+            self.inbound[(t, p, l)] = InboundStream(w)
+        for key, value in self.store.scan(b"d\x00"):
+            _, tenant, origin = key.split(b"\x00", 2)
+            try:
+                version, entries = env.unpack_header(value)
+                self._remote_dir.setdefault(tenant.decode(), {})[origin.decode()] = (version, entries)
+            except (RemoteProtocolError, ValueError):
+                self._count("store_bad_directory")
+        for key, value in self.store.scan(b"l\x00"):
+            try:
+                spec = unpack_header(value)
+                sub = LocalSub(bytes.fromhex(spec["session"]), spec["sid"], spec["tenant"],
+                               spec["pattern"], spec.get("group"), None, now + self.config.client_grace)
+            except (RemoteProtocolError, KeyError, ValueError, TypeError):
+                self._count("store_bad_subscription")
+                continue
+            self._add_local_sub(sub)
+        for tenant in set(self._remote_dir) | {s.tenant for s in self.local_subs.values()}:
+            self._rebuild_routes(tenant)
+
+    def _new_sender(self, stream: StreamKey, next_seq: int, acked: int) -> StreamSender:
+        sender = StreamSender(next_seq, acked, window_msgs=self.config.window_msgs,
+                              ack_wait=self.config.ack_wait, rng=self._rng)
+        self.senders[stream] = sender
+        return sender
+
+    # ------------------------------------------------------------------ running
+    def run(self, on_ready: Callable[["Agent"], None] | None = None) -> None:
+        """Serve until stopped; then flush and close everything."""
+        for endpoint in self.config.peers:
+            self.add_peer_endpoint(endpoint)
+        self.ready.set()
+        if on_ready:
+            on_ready(self)
+        try:
+            while not self._stopping:
+                self._turn()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from any thread or a signal handler)."""
+        self._stopping = True
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the agent gracefully."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def _turn(self) -> None:
+        now = time.monotonic()
+        timeout = max(0.0, min(self._next_timer - now, 0.5))
+        if self._pubacks or self._acks_due or self.store.dirty:
+            timeout = 0.0
+        ready = self.sockets.poll(timeout)
+        for obj in ready:
+            if obj is self.sockets.clients:
+                for frames in self.sockets.drain(obj):
+                    self._guard(self._on_client_frames, frames, "client")
+            elif obj is self.sockets.peers:
+                for frames in self.sockets.drain(obj):
+                    self._guard(self._on_peer_frames, frames, "peer")
+            elif isinstance(obj, Dealer):
+                for frames in self.sockets.drain(obj.sock):
+                    self._guard(self._on_dealer_frames, frames, "link", obj)
+            elif obj == self._stop_r:
+                try:
+                    os.read(self._stop_r, 64)
+                except OSError:
+                    pass
+        self._after_turn(time.monotonic())
+
+    def _guard(self, handler, frames, where: str, *extra) -> None:
+        """Run a frame handler; malformed input is dropped and counted, never raised."""
+        try:
+            handler(frames, *extra)
+        except RemoteProtocolError as e:
+            self._count(f"dropped_{where}_frames")
+            log.debug("dropped %s frame: %s", where, e)
+        except (MeshqError, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
+            self._count(f"dropped_{where}_frames")
+            log.debug("dropped %s frame: %r", where, e)
+
+    def _after_turn(self, now: float) -> None:
+        for stream in self._touched:
+            self.store.put_seq(SEQ_NEXT, stream.tenant, stream.dest, stream.lane, self.senders[stream].next_seq, durable=True)
+        self._touched.clear()
+        self._flush_acks()
+        self.store.commit()
+        if self._pubacks:
+            for ident, header in self._pubacks:
+                self.sockets.send(self.sockets.clients, [ident, Kind.PUBACK, pack(header)])
+            self._pubacks.clear()
+        if self._dir_dirty:
+            self._announce()
+        self._pump(now)
+        if now >= self._next_timer:
+            self._timers(now)
+            self._next_timer = now + min(0.1, self.config.heartbeat_interval / 2)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    # ------------------------------------------------------------------ clients
+    def _on_client_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 3:
+            raise RemoteProtocolError("client frame too short")
+        ident, kind = frames[0], frames[1]
+        conn = self.clients.get(ident)
+        if kind == Kind.HELLO:
+            self._client_hello(ident, unpack_header(frames[2]))
+            return
+        if conn is None:
+            if kind != Kind.BYE:
+                self.sockets.send(self.sockets.clients, [ident, Kind.ERROR, pack({"code": "hello", "message": "say HELLO first"})])
+                self._count("client_frames_before_hello")
+            return
+        conn.liveness.heard(time.monotonic())
+        if kind == Kind.PUB:
+            if len(frames) != 4:
+                raise RemoteProtocolError("PUB needs header and payload")
+            header = unpack_header(frames[2])
+            if type(header) is not list or len(header) != 1 or type(header[0]) is not int:
+                raise RemoteProtocolError("PUB header must be [batch_id]")
+            try:
+                items = unpack_items(frames[3])
+            except RemoteProtocolError as e:
+                self._pubacks.append((ident, [header[0], 0, [[-1, "malformed", str(e)]]]))
+                raise
+            self._accept(conn, header[0], items)
+        elif kind == Kind.ACK:
+            self._client_ack(conn, unpack_header(frames[2]))
+        elif kind == Kind.NACK:
+            self._client_nack(conn, unpack_header(frames[2]))
+        elif kind == Kind.SUB:
+            self._client_sub(conn, unpack_header(frames[2]))
+        elif kind == Kind.UNSUB:
+            sid = header_field(unpack_header(frames[2]), "sid", int)
+            sub = conn.subs.pop(sid, None)
+            if sub is not None:
+                self._remove_local_sub(sub)
+        elif kind == Kind.HEARTBEAT:
+            self.sockets.send(self.sockets.clients, [ident, Kind.HEARTBEAT, pack({"instance": self.instance})])
+        elif kind == Kind.STATUS:
+            self.sockets.send(self.sockets.clients, [ident, Kind.STATUSOK, pack(self.status())])
+        elif kind == Kind.BYE:
+            self._drop_client(conn, graceful=True)
+        else:
+            raise RemoteProtocolError(f"unknown client frame kind {kind!r}")
+
+    def _client_hello(self, ident: bytes, header: Any) -> None:
+        name = header_field(header, "name", str, "")[:128]
+        old = self.clients.get(ident)
+        if old is not None:
+            self._drop_client(old, graceful=False)
+        now = time.monotonic()
+        self.clients[ident] = ClientConn(ident, name, DEFAULT_TENANT, Liveness(now, self.config.client_timeout / 2, self.config.client_timeout))
+        self.sockets.send(self.sockets.clients, [ident, Kind.WELCOME, pack({
+            "v": env.PROTOCOL_VERSION, "id": self.agent_id, "name": self.name, "instance": self.instance,
+        })])
+        self._count("client_sessions")
+
+    def _client_sub(self, conn: ClientConn, header: Any) -> None:
+        sid = header_field(header, "sid", int)
+        pattern = header_field(header, "subject", str)
+        group = header_field(header, "group", (str, type(None)), None)
+        try:
+            validate_pattern(pattern)
+            if group is not None and (not group or "\x00" in group or len(group) > 128):
+                raise BadSubjectError("queue group names are 1..128 characters without NUL")
+        except BadSubjectError as e:
+            self.sockets.send(self.sockets.clients, [conn.ident, Kind.SUBOK, pack({"sid": sid, "error": str(e)})])
+            return
+        existing = self.local_subs.get((conn.ident, sid))
+        if existing is not None and existing.pattern == pattern and existing.group == group:
+            existing.conn = conn            # a reconnecting client re-attaches
+            conn.subs[sid] = existing
+            self._local_cache.clear()
+        else:
+            if existing is not None:
+                self._remove_local_sub(existing)
+            sub = LocalSub(conn.ident, sid, conn.tenant, pattern, group, conn)
+            conn.subs[sid] = sub
+            self._add_local_sub(sub)
+            self.store.put(sub.key, pack({"session": conn.ident.hex(), "sid": sid, "tenant": sub.tenant,
+                                          "pattern": pattern, "group": group}), durable=True)
+        self.sockets.send(self.sockets.clients, [conn.ident, Kind.SUBOK, pack({"sid": sid})])
+
+    def _add_local_sub(self, sub: LocalSub) -> None:
+        self.local_subs[(sub.session, sub.sid)] = sub
+        self._local_index.setdefault(sub.tenant, SubjectIndex()).add(sub.pattern, sub)
+        self._local_cache.clear()
+        self._dir_dirty = True
+
+    def _remove_local_sub(self, sub: LocalSub) -> None:
+        if self.local_subs.pop((sub.session, sub.sid), None) is None:
+            return
+        self._local_index[sub.tenant].remove(sub.pattern, sub)
+        self.store.delete(sub.key)
+        self._local_cache.clear()
+        self._dir_dirty = True
+        if sub.conn is not None:
+            self._abandon(sub.conn, lambda t: t[3] is sub)
+
+    def _drop_client(self, conn: ClientConn, graceful: bool) -> None:
+        """A client left: cleanly (its subscriptions end) or by silence (they wait, detached)."""
+        self.clients.pop(conn.ident, None)
+        self._abandon(conn, lambda t: True)
+        now = time.monotonic()
+        for sub in list(conn.subs.values()):
+            if graceful:
+                self._remove_local_sub(sub)
+            else:
+                sub.conn = None
+                sub.detached_until = now + self.config.client_grace
+        self._local_cache.clear()
+
+    def _abandon(self, conn: ClientConn, which) -> None:
+        """Give back unacked deliveries; their producers are asked to resend them."""
+        lowest: dict[tuple, int] = {}
+        for tag in [t for t, v in conn.outstanding.items() if which(v)]:
+            key, seq, _counter, _sub = conn.outstanding.pop(tag)
+            st = self.inbound.get(key)
+            if st is not None:
+                st.abandon(seq)
+                if seq < lowest.get(key, seq + 1):
+                    lowest[key] = seq
+        for (tenant, producer, lane), seq in lowest.items():
+            self._send_dnack(tenant, producer, lane, seq, 0.05)
+
+    def _client_ack(self, conn: ClientConn, header: Any) -> None:
+        if type(header) is not list:
+            raise RemoteProtocolError("ACK header must be a list of tag ranges")
+        pop = conn.outstanding.pop
+        inbound = self.inbound
+        for rng in header:
+            if type(rng) is not list or len(rng) != 2 or type(rng[0]) is not int or type(rng[1]) is not int:
+                raise RemoteProtocolError("ACK range must be [first, last]")
+            first, last = rng
+            if last - first > 1_000_000:
+                raise RemoteProtocolError("ACK range too large")
+            for tag in range(first, last + 1):
+                entry = pop(tag, None)
+                if entry is None:
+                    continue
+                key, seq, counter, _sub = entry
+                if counter is not None:
+                    counter[0] -= 1
+                    if counter[0] > 0:
+                        continue
+                st = inbound.get(key)
+                if st is not None:
+                    st.finish(seq)
+                    self._acks_due.add(key)
+
+    def _client_nack(self, conn: ClientConn, header: Any) -> None:
+        tags = header_field(header, "tags", list)
+        delay = header_field(header, "delay", (int, float), 0)
+        wanted = set()
+        for rng in tags:
+            if type(rng) is not list or len(rng) != 2:
+                raise RemoteProtocolError("NACK range must be [first, last]")
+            wanted.update(range(rng[0], min(rng[1], rng[0] + 100_000) + 1))
+        lowest: dict[tuple, int] = {}
+        for tag in wanted:
+            entry = conn.outstanding.pop(tag, None)
+            if entry is None:
+                continue
+            key, seq, _c, _s = entry
+            st = self.inbound.get(key)
+            if st is not None:
+                st.abandon(seq)
+                lowest[key] = min(lowest.get(key, seq), seq)
+        for (tenant, producer, lane), seq in lowest.items():
+            self._send_dnack(tenant, producer, lane, seq, float(delay))
+        self._count("client_nacks", len(wanted))
+
+    # ------------------------------------------------------------------ publishing
+    def _accept(self, conn: ClientConn, batch_id: int, items: list) -> None:
+        """Route a client's batch into outbox streams (written at the end of this turn)."""
+        tenant = conn.tenant
+        now_ms = int(time.time() * 1000)
+        per_stream: dict[StreamKey, list] = {}
+        rejects = []
+        cache = self._route_cache
+        unrouted = expired = 0
+        for i, item in enumerate(items):
+            subject = item[1]
+            route = cache.get((tenant, subject))
+            if route is None:
+                try:
+                    validate_subject(subject)
+                except BadSubjectError as e:
+                    rejects.append([i, "bad-subject", str(e)])
+                    continue
+                route = self._compute_route(tenant, subject)
+            expires = item[4]
+            if expires is not None and expires <= now_ms:
+                expired += 1
+                continue
+            plain, groups = route
+            if not plain and not groups:
+                unrouted += 1
+                continue
+            for stream in plain:
+                lst = per_stream.get(stream)
+                if lst is None:
+                    per_stream[stream] = [item]
+                else:
+                    lst.append(item)
+            for group, candidates in groups:
+                stream = self._pick_member(tenant, group, candidates)
+                per_stream.setdefault(stream, []).append(item)
+        for stream, lst in per_stream.items():
+            sender = self.senders.get(stream) or self._new_sender(stream, 1, 0)
+            payload = pack(lst)
+            seq = sender.append(len(lst), payload)
+            self.store.outbox_put(stream, seq, len(lst), payload)
+            self._touched.add(stream)
+        accepted = len(items) - len(rejects)
+        self._count("published", accepted)
+        if unrouted:
+            self._count("dropped_no_subscriber", unrouted)
+        if expired:
+            self._count("dropped_expired", expired)
+        self._pubacks.append((conn.ident, [batch_id, accepted, rejects]))
+
+    def _compute_route(self, tenant: str, subject: str) -> tuple:
+        index = self._routes.get(tenant)
+        matched = index.match(subject) if index is not None else set()
+        plain = sorted({agent for agent, group in matched if group is None})
+        groups: dict[str, list] = {}
+        for agent, group in matched:
+            if group is not None:
+                groups.setdefault(group, []).append(agent)
+        route = (
+            tuple(StreamKey(tenant, a, "") for a in plain),
+            tuple((g, tuple(StreamKey(tenant, a, "g:" + g) for a in sorted(set(c)))) for g, c in sorted(groups.items())),
+        )
+        if len(self._route_cache) > 10_000:
+            self._route_cache.clear()
+        self._route_cache[(tenant, subject)] = route
+        return route
+
+    def _pick_member(self, tenant: str, group: str, candidates: tuple) -> StreamKey:
+        """Least outstanding first among the agents that have members of the group."""
+        if len(candidates) == 1:
+            return candidates[0]
+        best, best_load = candidates[0], None
+        for stream in candidates:
+            sender = self.senders.get(stream)
+            load = sender.pending_msgs if sender else 0
+            peer = self.peers.get(stream.dest)
+            if stream.dest != self.agent_id and (peer is None or not peer.up):
+                load += 1 << 40   # reachable members first
+            if best_load is None or load < best_load:
+                best, best_load = stream, load
+        return best
+
+    # ------------------------------------------------------------------ sending
+    def _pump(self, now: float) -> None:
+        """Send what each stream's window allows."""
+        for stream, sender in self.senders.items():
+            if not sender.has_unsent:
+                continue
+            local = stream.dest == self.agent_id
+            peer = None
+            if not local:
+                peer = self.peers.get(stream.dest)
+                if peer is None or not peer.up or peer.dealer is None:
+                    continue
+            records = sender.due(now, lambda seq, n, s=stream: self._load(s, seq, n))
+            for rec in records:
+                if local:
+                    self._on_deliver(self.agent_id, stream.tenant, stream.lane, rec.seq, rec.attempt, unpack_items(rec.payload))
+                else:
+                    ok = self.sockets.send(peer.dealer.sock, [Kind.DELIVER, pack([stream.tenant, stream.lane, rec.seq, rec.attempt]), rec.payload])
+                    if not ok:
+                        sender.rewind(now)
+                        self._count("send_failures")
+                        break
+                    self._count("delivered_out", rec.count)
+            if records and local:
+                self._flush_acks()
+
+    def _load(self, stream: StreamKey, from_seq: int, max_msgs: int) -> list:
+        out, total = [], 0
+        for seq, count, payload in self.store.outbox_records(stream, from_seq):
+            out.append((seq, count, payload))
+            total += count
+            if total >= max_msgs or len(out) >= 64:
+                break
+        return out
+
+    def _on_ack(self, stream: StreamKey, through: int, now: float) -> None:
+        sender = self.senders.get(stream)
+        if sender is None:
+            return
+        for seq, count in sender.on_ack(through, now):
+            self.store.outbox_delete(stream, seq, count)
+
+    def _ack_from_store(self, stream: StreamKey, through: int, now: float) -> None:
+        """Delete every stored record a receiver's watermark covers (after a restart on either side)."""
+        sender = self.senders.get(stream)
+        if sender is None:
+            return
+        for seq, count in list(self.store.outbox_records(stream, 0, include_value=False)):
+            if seq + count - 1 > through:
+                break
+            self.store.outbox_delete(stream, seq, count)
+        sender.on_ack(through, now)
+
+    # ------------------------------------------------------------------ receiving
+    def _on_deliver(self, producer: str, tenant: str, lane: str, first_seq: int, attempt: int, items: list) -> None:
+        key = (tenant, producer, lane)
+        st = self.inbound.get(key)
+        if st is None:
+            st = self.inbound[key] = InboundStream(0)
+        now_ms = int(time.time() * 1000)
+        batches: dict[LocalSub, list] = {}
+        hold = None
+        dups = dropped = 0
+        for i, item in enumerate(items):
+            seq = first_seq + i
+            if not st.is_new(seq):
+                dups += 1
+                continue
+            expires = item[4]
+            if expires is not None and expires <= now_ms:
+                st.finish(seq)
+                self._count("dropped_expired")
+                continue
+            targets = self._local_targets(tenant, lane, item[1])
+            if targets is None:
+                hold = seq
+                break
+            if not targets:
+                st.finish(seq)
+                dropped += 1
+                continue
+            st.start(seq)
+            counter = [len(targets)] if len(targets) > 1 else None
+            for sub in targets:
+                lst = batches.get(sub)
+                if lst is None:
+                    batches[sub] = [(seq, counter, item)]
+                else:
+                    lst.append((seq, counter, item))
+        redelivered = attempt > 1
+        for sub, lst in batches.items():
+            conn = sub.conn
+            first_tag = conn.next_tag
+            conn.next_tag += len(lst)
+            out = conn.outstanding
+            tag = first_tag
+            for seq, counter, _item in lst:
+                out[tag] = (key, seq, counter, sub)
+                tag += 1
+            sub.delivered += len(lst)
+            self.sockets.send(self.sockets.clients, [conn.ident, Kind.MSG, pack([sub.sid, first_tag, redelivered]),
+                                                     pack([x[2] for x in lst])])
+        if dups:
+            self._count("duplicates_dropped", dups)
+        if dropped:
+            self._count("dropped_no_subscriber", dropped)
+        if hold is not None:
+            self._count("held")
+            self._send_dnack(tenant, producer, lane, hold, self.config.hold_delay)
+        self._acks_due.add(key)
+
+    def _local_targets(self, tenant: str, lane: str, subject: str) -> list | None:
+        """Local subscriptions for a message on `lane`; None when one of them is away (hold)."""
+        ck = (tenant, lane, subject)
+        subs = self._local_cache.get(ck)
+        if subs is None:
+            index = self._local_index.get(tenant)
+            matched = index.match(subject) if index is not None else set()
+            if lane == "":
+                subs = sorted((s for s in matched if s.group is None), key=lambda s: (s.session, s.sid))
+            elif lane.startswith("g:"):
+                subs = [s for s in matched if s.group == lane[2:]]
+            else:
+                subs = []
+            if len(self._local_cache) > 10_000:
+                self._local_cache.clear()
+            self._local_cache[ck] = subs
+        if lane == "":
+            for s in subs:
+                if s.conn is None:
+                    return None
+            return subs
+        if not subs:
+            return subs
+        live = [s for s in subs if s.conn is not None]
+        if not live:
+            return None
+        return [min(live, key=lambda s: len(s.conn.outstanding) + s.delivered * 1e-12)]
+
+    def _flush_acks(self) -> None:
+        for key in self._acks_due:
+            st = self.inbound.get(key)
+            if st is None or not st.ack_due:
+                continue
+            tenant, producer, lane = key
+            st.acked_sent = st.watermark
+            self.store.put_seq(SEQ_WATERMARK, tenant, producer, lane, st.watermark)
+            if producer == self.agent_id:
+                self._on_ack(StreamKey(tenant, self.agent_id, lane), st.watermark, time.monotonic())
+            else:
+                self.sockets.send(self.sockets.peers, [producer.encode(), Kind.DACK, pack([tenant, lane, st.watermark])])
+        self._acks_due.clear()
+
+    def _send_dnack(self, tenant: str, producer: str, lane: str, seq: int, delay: float) -> None:
+        if producer == self.agent_id:
+            sender = self.senders.get(StreamKey(tenant, self.agent_id, lane))
+            if sender is not None:
+                sender.on_nack(seq, delay, time.monotonic())
+        else:
+            self.sockets.send(self.sockets.peers, [producer.encode(), Kind.DNACK, pack([tenant, lane, seq, int(delay * 1000)])])
+
+    # ------------------------------------------------------------------ peers
+    def add_peer_endpoint(self, endpoint: str, source: str = "static") -> None:
+        """Dial an agent by endpoint; its id is learned from its WELCOME."""
+        for peer in list(self.peers.values()) + list(self._dials.values()):
+            if peer.endpoint == endpoint:
+                return
+        if endpoint in (self.advertise, self.sockets.peer_endpoint):
+            return
+        dealer = self.sockets.dial(endpoint)
+        peer = Peer("", endpoint, dealer, source=source)
+        self._dials[dealer] = peer
+        self._send_hello(peer, time.monotonic())
+
+    def _send_hello(self, peer: Peer, now: float) -> None:
+        peer.hello_at = now
+        if peer.dealer is not None:
+            self.sockets.send(peer.dealer.sock, [Kind.HELLO, pack({
+                "v": env.PROTOCOL_VERSION, "id": self.agent_id, "name": self.name,
+                "endpoint": self.advertise, "instance": self.instance,
+            })])
+
+    def _on_peer_frames(self, frames: list[bytes]) -> None:
+        """Frames another agent sent to our ROUTER over its DEALER."""
+        if len(frames) < 3:
+            raise RemoteProtocolError("peer frame too short")
+        ident, kind = frames[0], frames[1]
+        origin = ident.decode("ascii")
+        now = time.monotonic()
+        if kind == Kind.HELLO:
+            self._peer_hello(ident, unpack_header(frames[2]), now)
+            return
+        peer = self.peers.get(origin)
+        if peer is None or not peer.inbound_instance:
+            self.sockets.send(self.sockets.peers, [ident, Kind.ERROR, pack({"code": "hello", "message": "say HELLO first"})])
+            self._count("peer_frames_before_hello")
+            return
+        if peer.liveness is not None:
+            peer.liveness.heard(now)
+        if kind == Kind.DELIVER:
+            if len(frames) != 4:
+                raise RemoteProtocolError("DELIVER needs header and payload")
+            h = unpack_header(frames[2])
+            if (type(h) is not list or len(h) != 4 or type(h[0]) is not str or type(h[1]) is not str
+                    or type(h[2]) is not int or type(h[3]) is not int or h[2] < 1):
+                raise RemoteProtocolError("DELIVER header must be [tenant, lane, seq, attempt]")
+            tenant, lane, seq, attempt = h
+            if tenant != DEFAULT_TENANT:
+                self._count("dropped_wrong_tenant")
+                return
+            items = unpack_items(frames[3])
+            self._count("delivered_in", len(items))
+            self._on_deliver(origin, tenant, lane, seq, attempt, items)
+        elif kind == Kind.HEARTBEAT:
+            h = unpack_header(frames[2])
+            self.sockets.send(self.sockets.peers, [ident, Kind.HEARTBEAT, pack({"instance": self.instance, "t": header_field(h, "t", float, 0.0)})])
+        elif kind == Kind.DIR:
+            self._on_dir(origin, unpack_header(frames[2]))
+        elif kind == Kind.BYE:
+            peer.inbound_instance = ""
+            if peer.liveness is not None:
+                peer.liveness.last_heard = -1e9
+        else:
+            raise RemoteProtocolError(f"unknown peer frame kind {kind!r}")
+
+    def _peer_hello(self, ident: bytes, h: Any, now: float) -> None:
+        agent_id = header_field(h, "id", str)
+        if agent_id.encode() != ident or agent_id == self.agent_id or len(agent_id) > 64:
+            raise RemoteProtocolError("HELLO id does not match the connection's identity")
+        endpoint = header_field(h, "endpoint", str)
+        instance = header_field(h, "instance", str)
+        peer = self.peers.get(agent_id)
+        if peer is None:
+            peer = self._adopt(agent_id, endpoint, "peer")
+        peer.name = header_field(h, "name", str, "")[:128]
+        peer.inbound_instance = instance
+        if peer.liveness is None:
+            peer.liveness = Liveness(now, self.config.dead_after / 2, self.config.dead_after)
+        peer.liveness.heard(now)
+        if peer.endpoint != endpoint and peer.dealer is not None:
+            # it came back on another address: re-dial there
+            self.sockets.hang_up(peer.dealer)
+            peer.endpoint = endpoint
+            peer.dealer = self.sockets.dial(endpoint)
+            peer.up = False
+            self._send_hello(peer, now)
+        marks = [[t, l, st.watermark] for (t, p, l), st in self.inbound.items() if p == agent_id]
+        self.sockets.send(self.sockets.peers, [ident, Kind.WELCOME, pack({
+            "v": env.PROTOCOL_VERSION, "id": self.agent_id, "name": self.name,
+            "instance": self.instance, "marks": marks,
+        })])
+
+    def _adopt(self, agent_id: str, endpoint: str, source: str) -> Peer:
+        """Start a link to an agent that introduced itself."""
+        dealer = None
+        for d, p in list(self._dials.items()):
+            if p.endpoint == endpoint:
+                dealer = d
+                del self._dials[d]
+        peer = Peer(agent_id, endpoint, dealer or self.sockets.dial(endpoint), source=source)
+        self.peers[agent_id] = peer
+        self._send_hello(peer, time.monotonic())
+        return peer
+
+    def _on_dealer_frames(self, frames: list[bytes], dealer: Dealer) -> None:
+        """Frames a remote agent sent back on our DEALER to it."""
+        if len(frames) < 2:
+            raise RemoteProtocolError("link frame too short")
+        kind, h = frames[0], unpack_header(frames[1])
+        now = time.monotonic()
+        peer = self._dials.get(dealer)
+        if peer is None:
+            peer = next((p for p in self.peers.values() if p.dealer is dealer), None)
+        if peer is None:
+            return
+        if kind == Kind.WELCOME:
+            self._welcomed(peer, dealer, h, now)
+            return
+        if peer.liveness is not None:
+            peer.liveness.heard(now)
+        if kind == Kind.DACK:
+            if type(h) is not list or len(h) != 3 or type(h[2]) is not int:
+                raise RemoteProtocolError("DACK must be [tenant, lane, through]")
+            self._on_ack(StreamKey(h[0], peer.agent_id, h[1]), h[2], now)
+        elif kind == Kind.DNACK:
+            if type(h) is not list or len(h) != 4 or type(h[2]) is not int or type(h[3]) is not int:
+                raise RemoteProtocolError("DNACK must be [tenant, lane, seq, delay_ms]")
+            sender = self.senders.get(StreamKey(h[0], peer.agent_id, h[1]))
+            if sender is not None:
+                sender.on_nack(h[2], h[3] / 1000, now)
+        elif kind == Kind.HEARTBEAT:
+            instance = header_field(h, "instance", str)
+            sent = header_field(h, "t", float, 0.0)
+            if sent:
+                peer.rtt = max(0.0, now - sent)
+            if peer.up and instance != peer.instance:
+                peer.up = False          # it restarted: introduce ourselves again
+                self._send_hello(peer, now)
+        elif kind == Kind.ERROR:
+            if header_field(h, "code", str, "") == "hello":
+                peer.up = False
+                if now - peer.hello_at > 0.2:
+                    self._send_hello(peer, now)
+        else:
+            raise RemoteProtocolError(f"unknown link frame kind {kind!r}")
+
+    def _welcomed(self, peer: Peer, dealer: Dealer, h: Any, now: float) -> None:
+        agent_id = header_field(h, "id", str)
+        if agent_id == self.agent_id:     # dialled ourselves (e.g. a seed list with our own address)
+            self._dials.pop(dealer, None)
+            self.sockets.hang_up(dealer)
+            return
+        if peer.agent_id == "":
+            self._dials.pop(dealer, None)
+            known = self.peers.get(agent_id)
+            if known is not None and known.dealer is not None and known.dealer is not dealer:
+                self.sockets.hang_up(known.dealer)
+            if known is not None:
+                known.dealer, known.endpoint = dealer, peer.endpoint
+                peer = known
+            else:
+                peer.agent_id = agent_id
+                self.peers[agent_id] = peer
+        marks = header_field(h, "marks", list, [])
+        peer.name = header_field(h, "name", str, "")[:128]
+        peer.instance = header_field(h, "instance", str)
+        peer.up = True
+        peer.dir_sent = {}
+        if peer.liveness is None:
+            peer.liveness = Liveness(now, self.config.dead_after / 2, self.config.dead_after)
+        peer.liveness.heard(now)
+        for mark in marks:
+            if type(mark) is list and len(mark) == 3 and type(mark[2]) is int:
+                self._ack_from_store(StreamKey(mark[0], agent_id, mark[1]), mark[2], now)
+        for stream, sender in self.senders.items():
+            if stream.dest == agent_id:
+                sender.rewind(now, 0.0)
+        self._dir_dirty = True
+        log.info("linked to %s (%s) at %s", peer.name, agent_id, peer.endpoint)
+
+    # ------------------------------------------------------------------ directory (first form)
+    def _local_entries(self, tenant: str) -> list:
+        return sorted({(s.pattern, s.group or "") for s in self.local_subs.values() if s.tenant == tenant})
+
+    def _announce(self) -> None:
+        """Tell every linked agent our subscriptions (a versioned snapshot per tenant)."""
+        self._dir_dirty = False
+        tenants = {s.tenant for s in self.local_subs.values()} | {DEFAULT_TENANT}
+        changed = False
+        for tenant in tenants:
+            entries = [list(e) for e in self._local_entries(tenant)]
+            stored = self._remote_dir.setdefault(tenant, {}).get(self.agent_id)
+            if stored is None or stored[1] != entries:
+                self._dir_version += 1
+                self._remote_dir[tenant][self.agent_id] = (self._dir_version, entries)
+                changed = True
+                self._rebuild_routes(tenant)
+        if changed:
+            self.store.put_meta("dirver", str(self._dir_version).encode(), durable=False)
+        for peer in self.peers.values():
+            if not peer.up or peer.dealer is None:
+                continue
+            for tenant in tenants:
+                version, entries = self._remote_dir[tenant][self.agent_id]
+                if peer.dir_sent.get(tenant) != version:
+                    if self.sockets.send(peer.dealer.sock, [Kind.DIR, pack({"tenant": tenant, "version": version, "subs": entries})]):
+                        peer.dir_sent[tenant] = version
+
+    def _on_dir(self, origin: str, h: Any) -> None:
+        tenant = header_field(h, "tenant", str)
+        version = header_field(h, "version", int)
+        subs = header_field(h, "subs", list)
+        if tenant != DEFAULT_TENANT:
+            self._count("dropped_wrong_tenant")
+            return
+        entries = []
+        for e in subs[:10_000]:
+            if type(e) is not list or len(e) != 2 or type(e[0]) is not str or type(e[1]) is not str:
+                raise RemoteProtocolError("directory entry must be [pattern, group]")
+            validate_pattern(e[0])
+            entries.append([e[0], e[1]])
+        known = self._remote_dir.setdefault(tenant, {}).get(origin)
+        if known is not None and known[0] >= version and known[1] == entries:
+            return
+        self._remote_dir[tenant][origin] = (version, entries)
+        self.store.put(b"d\x00" + tenant.encode() + b"\x00" + origin.encode(), pack([version, entries]))
+        self._rebuild_routes(tenant)
+
+    def _rebuild_routes(self, tenant: str) -> None:
+        index: SubjectIndex = SubjectIndex()
+        local = self._local_entries(tenant)
+        views = dict(self._remote_dir.get(tenant, {}))
+        views[self.agent_id] = (0, [list(e) for e in local])
+        for origin, (_v, entries) in views.items():
+            for pattern, group in entries:
+                index.add(pattern, (origin, group or None))
+        self._routes[tenant] = index
+        self._route_cache.clear()
+
+    # ------------------------------------------------------------------ timers
+    def _timers(self, now: float) -> None:
+        hb_due = now - getattr(self, "_last_hb", 0.0) >= self.config.heartbeat_interval
+        if hb_due:
+            self._last_hb = now
+        for peer in list(self._dials.values()) + list(self.peers.values()):
+            if peer.dealer is None:
+                continue
+            if not peer.up:
+                if now - peer.hello_at > max(0.5, self.config.heartbeat_interval):
+                    self._send_hello(peer, now)
+            elif hb_due:
+                self.sockets.send(peer.dealer.sock, [Kind.HEARTBEAT, pack({"instance": self.instance, "t": now})])
+            if peer.up and peer.liveness is not None and peer.liveness.state(now) == "dead":
+                peer.up = False
+                self._count("peer_deaths")
+                log.warning("peer %s (%s) is not answering", peer.name, peer.agent_id)
+                for stream, sender in self.senders.items():
+                    if stream.dest == peer.agent_id:
+                        sender.rewind(now, 0.0)
+                self._route_cache.clear()
+        for sender in self.senders.values():
+            sender.check_timeout(now)
+        for conn in list(self.clients.values()):
+            if conn.liveness.state(now) == "dead":
+                self._count("client_timeouts")
+                self._drop_client(conn, graceful=False)
+        for sub in [s for s in self.local_subs.values() if s.conn is None and s.detached_until < now]:
+            self._remove_local_sub(sub)
+
+    # ------------------------------------------------------------------ status and shutdown
+    def outbox_depth(self) -> int:
+        return sum(max(0, s.pending_msgs) for s in self.senders.values())
+
+    def status(self) -> dict:
+        """A snapshot of the agent for `meshq status`."""
+        now = time.monotonic()
+        return {
+            "name": self.name, "id": self.agent_id, "instance": self.instance,
+            "version": env.PROTOCOL_VERSION,
+            "endpoints": {"peer": self.sockets.peer_endpoint, "advertise": self.advertise,
+                          "client": self.sockets.client_endpoint},
+            "durability": self.store.durability,
+            "peers": [{
+                "id": p.agent_id, "name": p.name, "endpoint": p.endpoint, "source": p.source,
+                "state": ("alive" if p.up else "connecting") if p.liveness is None or not p.up else p.liveness.state(now),
+                "last_heard": None if p.liveness is None else round(now - p.liveness.last_heard, 3),
+                "rtt_ms": None if p.rtt is None else round(p.rtt * 1000, 3),
+            } for p in sorted(self.peers.values(), key=lambda p: p.agent_id)],
+            "outbox": {"messages": self.outbox_depth(),
+                       "streams": sum(1 for s in self.senders.values() if s.pending_msgs > 0)},
+            "clients": len(self.clients),
+            "subscriptions": len(self.local_subs),
+            "counters": dict(sorted(self.counters.items())),
+        }
+
+    def _shutdown(self) -> None:
+        """Flush and close: commit, tell peers and clients, close sockets and the store."""
+        try:
+            self._flush_acks()
+            self.store.commit()
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and any(
+                    s.has_unsent or not s.idle for k, s in self.senders.items()
+                    if k.dest != self.agent_id and (p := self.peers.get(k.dest)) is not None and p.up):
+                ready = self.sockets.poll(0.05)
+                for obj in ready:
+                    if isinstance(obj, Dealer):
+                        for frames in self.sockets.drain(obj.sock):
+                            self._guard(self._on_dealer_frames, frames, "link", obj)
+                self.store.commit()
+                self._pump(time.monotonic())
+            for peer in self.peers.values():
+                if peer.dealer is not None:
+                    self.sockets.send(peer.dealer.sock, [Kind.BYE, pack({})])
+            self.store.commit()
+        finally:
+            self.sockets.close()
+            self.store.close()
+            os.close(self._stop_r)
+            os.close(self._stop_w)
+
+
+def _advertised(endpoint: str) -> str:
+    """The endpoint others should dial: a wildcard bind becomes this host's address."""
+    if "://0.0.0.0:" in endpoint or "://*:" in endpoint:
+        port = endpoint.rsplit(":", 1)[1]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect(("10.255.255.255", 1))  # no packet is sent; this only picks a source address
+                ip = s.getsockname()[0]
+        except OSError:
+            ip = "127.0.0.1"
+        return f"tcp://{ip}:{port}"
+    return endpoint

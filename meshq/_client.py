@@ -1,0 +1,571 @@
+"""The asyncio client: `await meshq.connect()` talks to the agent on this host.
+
+Publishes are batched per event-loop tick into one PUB frame; the agent answers each
+batch once it is durably in its outbox.  Deliveries arrive in batches too, and acks go
+back as tag ranges.  The client survives agent restarts: it says HELLO again,
+resubscribes, resends the publish batches that were not yet confirmed, and remembers
+the ids it already handed to the application so a redelivery never reaches it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import os
+import time
+from types import MappingProxyType
+from typing import Any, AsyncIterator, Mapping
+
+from . import _envelope as env
+from ._envelope import Kind, make_item, pack, unpack_header, unpack_items
+from ._errors import (
+    BadSubjectError, ConnectionClosedError, ConnectionLostError, LocalProtocolError, MeshqError,
+    RemoteProtocolError, TimeoutError,
+)
+from ._ids import IdGenerator
+from ._subject import validate_pattern, validate_subject
+from ._transport import ClientChannel, default_client_endpoint
+
+DEFAULT_DATA_DIR = os.path.expanduser("~/.meshq")
+MAX_BATCH_ITEMS = 1000
+MAX_BATCH_BYTES = 1 << 20
+HEARTBEAT_INTERVAL = 1.0
+AGENT_SILENCE = 3.0
+
+
+def resolve_agent(agent: str | None) -> str:
+    """An endpoint for `agent`: an endpoint as is, a data directory as its ipc socket, default from MESHQ_AGENT."""
+    agent = agent or os.environ.get("MESHQ_AGENT") or DEFAULT_DATA_DIR
+    if "://" in agent:
+        return agent
+    return default_client_endpoint(agent)
+
+
+class Message(tuple):
+    """An immutable received message; `await msg.ack()` when handled (unless auto-acked)."""
+
+    __slots__ = ()
+
+    id: bytes = property(lambda self: self[0])            # type: ignore[assignment]
+    subject: str = property(lambda self: self[1])         # type: ignore[assignment]
+    headers: Mapping[str, str] = property(lambda self: self[2])  # type: ignore[assignment]
+    data: bytes = property(lambda self: self[3])          # type: ignore[assignment]
+    redelivered: bool = property(lambda self: self[4])    # type: ignore[assignment]
+    created_ms: int = property(lambda self: self[5])      # type: ignore[assignment]
+
+    @property
+    def expires_ms(self) -> int | None:
+        return self[6]
+
+    async def ack(self) -> None:
+        """Tell the mesh this message is handled; it will not be delivered again."""
+        self[7]._ack(self)
+
+    async def nack(self, delay: float = 0.0) -> None:
+        """Give the message back for redelivery after `delay` seconds."""
+        self[7]._nack(self, delay)
+
+    def __repr__(self) -> str:
+        return f"Message(subject={self[1]!r}, data={self[3][:40]!r}, id={self[0].hex()}, redelivered={self[4]})"
+
+
+_EMPTY = MappingProxyType({})
+
+
+class _PubAck:
+    """Awaitable confirmation of one publish (shares its batch's future)."""
+
+    __slots__ = ("_batch", "_index", "msg_id")
+
+    def __init__(self, batch: "_Batch", index: int, msg_id: bytes) -> None:
+        self._batch, self._index, self.msg_id = batch, index, msg_id
+
+    def __await__(self):
+        rejects = yield from asyncio.shield(self._batch.future).__await__()
+        if rejects:
+            for index, code, text in rejects:
+                if index == self._index or index == -1:
+                    raise _reject_error(code, text)
+        return self.msg_id
+
+    def done(self) -> bool:
+        return self._batch.future.done()
+
+
+def _reject_error(code: str, text: str) -> MeshqError:
+    from ._errors import AuthorizationError, QuotaExceeded
+    return {"bad-subject": BadSubjectError, "forbidden": AuthorizationError,
+            "quota": QuotaExceeded}.get(code, MeshqError)(text)
+
+
+class _Batch:
+    __slots__ = ("items", "future", "payload", "bytes")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.items: list = []
+        self.future = loop.create_future()
+        self.payload = b""
+        self.bytes = 0
+
+
+class Subscription:
+    """A subscription; iterate it with `async for msg in sub`.  Awaiting it confirms it with the agent."""
+
+    def __init__(self, client: "Client", sid: int, subject: str, group: str | None, manual_ack: bool,
+                 max_pending: int) -> None:
+        self._client = client
+        self.sid = sid
+        self.subject = subject
+        self.group = group
+        self.manual_ack = manual_ack
+        self._queue: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+        self._last: Message | None = None
+        self._outstanding: set[int] = set()
+        self._confirmed = client._loop.create_future()
+        self._closed = False
+        self.delivered = 0
+        self.max_pending = max_pending
+
+    def __await__(self):
+        yield from asyncio.shield(self._confirmed).__await__()
+        return self
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        return await self.next_msg()
+
+    async def next_msg(self, timeout: float | None = None) -> Message:
+        """The next message; raises TimeoutError after `timeout` seconds, StopAsyncIteration once closed."""
+        if self._last is not None and not self.manual_ack:
+            self._client._ack(self._last)
+            self._last = None
+        if not self._confirmed.done():
+            await self
+        queue = self._queue
+        while not queue:
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = self._client._loop.create_future()
+            try:
+                if timeout is None:
+                    await self._waiter
+                else:
+                    await asyncio.wait_for(self._waiter, timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"no message on {self.subject!r} within {timeout} s") from None
+            finally:
+                self._waiter = None
+        msg = queue.popleft()
+        self.delivered += 1
+        self._last = msg
+        return msg
+
+    def _push(self, msgs: list) -> None:
+        self._queue.extend(msgs)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def pending(self) -> int:
+        """Messages received and not yet handed to the application."""
+        return len(self._queue)
+
+    async def unsubscribe(self) -> None:
+        """End the subscription; messages not yet handed out go back to the mesh."""
+        if self._closed:
+            return
+        if self._last is not None and not self.manual_ack:
+            self._client._ack(self._last)
+            self._last = None
+        self._closed = True
+        self._client._unsubscribe(self)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def __aenter__(self) -> "Subscription":
+        return await self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.unsubscribe()
+
+
+class Client:
+    """A connection to the local agent (see `connect`)."""
+
+    def __init__(self, endpoint: str, name: str = "", max_pending: int = 100_000) -> None:
+        self.endpoint = endpoint
+        self.name = name
+        self._loop = asyncio.get_running_loop()
+        self._session = os.urandom(8)
+        self._channel = ClientChannel(endpoint, self._session)
+        self._ids = IdGenerator()
+        self._batch: _Batch | None = None
+        self._flush_scheduled = False
+        self._batch_ids = itertools.count(1)
+        self._inflight: dict[int, _Batch] = {}
+        self._inflight_msgs = 0
+        self.max_pending = max_pending
+        self._room = asyncio.Event()
+        self._room.set()
+        self._subs: dict[int, Subscription] = {}
+        self._sids = itertools.count(1)
+        self._acks: list[int] = []
+        self._ack_scheduled = False
+        self._epoch = 0
+        self._seen: set[bytes] = set()
+        self._seen_order: collections.deque = collections.deque()
+        self.seen_limit = 200_000
+        self.duplicates = 0
+        self._welcome: asyncio.Future | None = None
+        self._status_waiters: collections.deque = collections.deque()
+        self._agent_instance = ""
+        self._hello_at = 0.0
+        self._last_heard = time.monotonic()
+        self._closed = False
+        self._broken: BaseException | None = None
+        self.agent_info: dict = {}
+        self._reader = self._loop.create_task(self._read_loop(), name="meshq-client-reader")
+        self._keeper = self._loop.create_task(self._keepalive(), name="meshq-client-keepalive")
+
+    # -------------------------------------------------------------- lifecycle
+    async def _handshake(self, timeout: float) -> None:
+        self._welcome = self._loop.create_future()
+        self._channel.send([Kind.HELLO, pack({"v": env.PROTOCOL_VERSION, "name": self.name})])
+        try:
+            await asyncio.wait_for(asyncio.shield(self._welcome), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no meshq agent answered at {self.endpoint} within {timeout} s "
+                               "(is `meshq agent` running? set --agent or MESHQ_AGENT)") from None
+
+    async def close(self) -> None:
+        """Flush pending acks, say goodbye and release the socket; idempotent."""
+        if self._closed:
+            return
+        for sub in list(self._subs.values()):
+            if sub._last is not None and not sub.manual_ack:
+                self._ack(sub._last)
+                sub._last = None
+        self._flush_acks()
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._channel.send([Kind.BYE, pack({})])
+        for task in (self._reader, self._keeper):
+            task.cancel()
+        await asyncio.gather(self._reader, self._keeper, return_exceptions=True)
+        err = ConnectionClosedError("the client was closed")
+        for batch in self._inflight.values():
+            if not batch.future.done():
+                batch.future.set_exception(err)
+                batch.future.exception()  # mark retrieved
+        if self._batch is not None and not self._batch.future.done():
+            self._batch.future.set_exception(err)
+            self._batch.future.exception()
+        for sub in self._subs.values():
+            sub._closed = True
+            sub._push([])
+        await asyncio.sleep(0)
+        self._channel.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosedError("the client is closed")
+
+    # -------------------------------------------------------------- publishing
+    async def publish(self, subject: str, data: bytes = b"", *, headers: Mapping[str, str] | None = None,
+                      ttl: float | None = None) -> bytes:
+        """Publish and return the message id once the local agent has it durably."""
+        ack = await self.publish_async(subject, data, headers=headers, ttl=ttl)
+        self._flush_now()
+        return await ack
+
+    async def publish_async(self, subject: str, data: bytes = b"", *, headers: Mapping[str, str] | None = None,
+                            ttl: float | None = None) -> _PubAck:
+        """Queue a publish; returns an awaitable that completes once it is durable (see `flush`)."""
+        if self._inflight_msgs >= self.max_pending:
+            self._flush_now()
+            while self._inflight_msgs >= self.max_pending:
+                self._check_open()
+                self._room.clear()
+                await self._room.wait()
+        self._check_open()
+        return self._enqueue(subject, data, headers, ttl)
+
+    def _enqueue(self, subject, data, headers, ttl) -> _PubAck:
+        validate_subject(subject)
+        now_ns = time.time_ns()
+        msg_id = self._ids.next(now_ns)
+        created = now_ns // 1_000_000
+        expires = None if ttl is None else created + int(ttl * 1000)
+        item = make_item(msg_id, subject, headers, created, expires, data)
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch(self._loop)
+        batch.items.append(item)
+        batch.bytes += len(data) + len(subject) + 32
+        ack = _PubAck(batch, len(batch.items) - 1, msg_id)
+        if len(batch.items) >= MAX_BATCH_ITEMS or batch.bytes >= MAX_BATCH_BYTES:
+            self._flush_now()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+        return ack
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        batch = self._batch
+        if batch is None or not batch.items:
+            return
+        self._batch = None
+        batch_id = next(self._batch_ids)
+        batch.payload = pack(batch.items)
+        n = len(batch.items)
+        self._inflight[batch_id] = batch
+        self._inflight_msgs += n
+        if self._broken is None:
+            self._channel.send([Kind.PUB, pack([batch_id]), batch.payload])
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every publish so far is durable at the agent."""
+        self._flush_now()
+        futures = [b.future for b in self._inflight.values()]
+        if not futures:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*[asyncio.shield(f) for f in futures]), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"publishes not confirmed within {timeout} s") from None
+
+    def _on_puback(self, h: Any) -> None:
+        if type(h) is not list or len(h) != 3 or type(h[0]) is not int:
+            raise RemoteProtocolError("PUBACK must be [batch_id, accepted, rejects]")
+        batch = self._inflight.pop(h[0], None)
+        if batch is None:
+            return
+        self._inflight_msgs -= len(batch.items)
+        batch.items = []
+        if not batch.future.done():
+            batch.future.set_result(h[2])
+        if self._inflight_msgs < self.max_pending:
+            self._room.set()
+
+    # -------------------------------------------------------------- subscribing
+    def subscribe(self, subject: str, *, group: str | None = None, manual_ack: bool = False,
+                  max_pending: int = 100_000) -> Subscription:
+        """Subscribe to a subject pattern; `await` it to confirm, `async for` it to read."""
+        self._check_open()
+        validate_pattern(subject)
+        sid = next(self._sids)
+        sub = Subscription(self, sid, subject, group, manual_ack, max_pending)
+        self._subs[sid] = sub
+        self._send_sub(sub)
+        return sub
+
+    def _send_sub(self, sub: Subscription) -> None:
+        self._channel.send([Kind.SUB, pack({"sid": sub.sid, "subject": sub.subject, "group": sub.group})])
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.pop(sub.sid, None) is not None and not self._closed:
+            self._flush_acks()
+            self._channel.send([Kind.UNSUB, pack({"sid": sub.sid})])
+
+    def _on_msg(self, h: Any, payload: bytes) -> None:
+        if type(h) is not list or len(h) != 3 or type(h[0]) is not int or type(h[1]) is not int:
+            raise RemoteProtocolError("MSG header must be [sid, first_tag, redelivered]")
+        sid, tag, redelivered = h
+        items = unpack_items(payload)
+        sub = self._subs.get(sid)
+        if sub is None:
+            self._nack_tags([[tag, tag + len(items) - 1]], 0.0)
+            return
+        seen, order = self._seen, self._seen_order
+        epoch = self._epoch
+        redelivered = bool(redelivered)
+        msgs = []
+        outstanding = sub._outstanding
+        for item in items:
+            mid = item[0]
+            if mid in seen:
+                self.duplicates += 1
+                self._acks.append(tag)
+                tag += 1
+                continue
+            seen.add(mid)
+            order.append(mid)
+            outstanding.add(tag)
+            headers = item[2]
+            msgs.append(Message((mid, item[1], MappingProxyType(headers) if headers else _EMPTY, item[5],
+                                 redelivered, item[3], item[4], self, sub, tag, epoch)))
+            tag += 1
+        while len(order) > self.seen_limit:
+            seen.discard(order.popleft())
+        if self._acks:
+            self._schedule_acks()
+        if msgs:
+            sub._push(msgs)
+
+    def _ack(self, msg: Message) -> None:
+        sub, tag, epoch = msg[8], msg[9], msg[10]
+        if epoch != self._epoch or tag not in sub._outstanding:
+            return
+        sub._outstanding.discard(tag)
+        self._acks.append(tag)
+        if len(self._acks) >= 1000:
+            self._flush_acks()
+        else:
+            self._schedule_acks()
+
+    def _nack(self, msg: Message, delay: float) -> None:
+        sub, tag, epoch = msg[8], msg[9], msg[10]
+        if epoch != self._epoch or tag not in sub._outstanding:
+            return
+        sub._outstanding.discard(tag)
+        if sub._last is msg:
+            sub._last = None
+        self._seen.discard(msg[0])
+        self._nack_tags([[tag, tag]], delay)
+
+    def _nack_tags(self, ranges: list, delay: float) -> None:
+        self._flush_acks()
+        self._channel.send([Kind.NACK, pack({"tags": ranges, "delay": float(delay)})])
+
+    def _schedule_acks(self) -> None:
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        tags = self._acks
+        if not tags or self._broken is not None:
+            return
+        self._acks = []
+        tags.sort()
+        ranges = []
+        start = prev = tags[0]
+        for t in tags[1:]:
+            if t != prev + 1:
+                ranges.append([start, prev])
+                start = t
+            prev = t
+        ranges.append([start, prev])
+        self._channel.send([Kind.ACK, pack(ranges)])
+
+    # -------------------------------------------------------------- status
+    async def status(self, timeout: float = 5.0) -> dict:
+        """The local agent's status (name, peers, outbox depth, counters)."""
+        self._check_open()
+        fut = self._loop.create_future()
+        self._status_waiters.append(fut)
+        self._channel.send([Kind.STATUS, pack({})])
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"agent status not received within {timeout} s") from None
+
+    # -------------------------------------------------------------- the reader and keeper
+    async def _read_loop(self) -> None:
+        recv = self._channel.recv
+        while True:
+            frames = await recv()
+            self._last_heard = time.monotonic()
+            try:
+                self._dispatch(frames)
+            except (RemoteProtocolError, ValueError, TypeError, KeyError, IndexError):
+                pass  # a malformed frame from the agent is dropped
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            raise RemoteProtocolError("frame too short")
+        kind = frames[0]
+        if kind == Kind.MSG and len(frames) == 3:
+            self._on_msg(unpack_header(frames[1]), frames[2])
+            return
+        h = unpack_header(frames[1])
+        if kind == Kind.PUBACK:
+            self._on_puback(h)
+        elif kind == Kind.SUBOK:
+            sub = self._subs.get(h.get("sid")) if type(h) is dict else None
+            if sub is not None and not sub._confirmed.done():
+                if h.get("error"):
+                    sub._confirmed.set_exception(BadSubjectError(h["error"]))
+                    self._subs.pop(sub.sid, None)
+                else:
+                    sub._confirmed.set_result(None)
+        elif kind == Kind.WELCOME:
+            self._on_welcome(h)
+        elif kind == Kind.HEARTBEAT:
+            if type(h) is dict and h.get("instance") != self._agent_instance and self._agent_instance:
+                self._rehello()
+        elif kind == Kind.ERROR:
+            if type(h) is dict and h.get("code") == "hello":
+                self._rehello()
+        elif kind == Kind.STATUSOK:
+            while self._status_waiters:
+                fut = self._status_waiters.popleft()
+                if not fut.done():
+                    fut.set_result(h)
+                    break
+
+    def _on_welcome(self, h: Any) -> None:
+        if type(h) is not dict:
+            raise RemoteProtocolError("WELCOME must be a map")
+        restarted = bool(self._agent_instance) and h.get("instance") != self._agent_instance
+        self._agent_instance = h.get("instance", "")
+        self.agent_info = h
+        self._broken = None
+        if restarted or self._epoch:
+            self._resume()
+        self._epoch += 1
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_result(h)
+
+    def _rehello(self) -> None:
+        """The agent does not know us (it restarted): introduce ourselves again."""
+        now = time.monotonic()
+        if now - self._hello_at < 0.5:
+            return
+        self._hello_at = now
+        self._acks = []
+        self._channel.send([Kind.HELLO, pack({"v": env.PROTOCOL_VERSION, "name": self.name})])
+
+    def _resume(self) -> None:
+        """After a new WELCOME: resubscribe and resend unconfirmed publishes, in order."""
+        self._acks = []
+        for sub in self._subs.values():
+            sub._outstanding.clear()
+            if sub._last is not None:
+                sub._last = None
+            self._send_sub(sub)
+        for batch_id in sorted(self._inflight):
+            self._channel.send([Kind.PUB, pack([batch_id]), self._inflight[batch_id].payload])
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            self._channel.send([Kind.HEARTBEAT, pack({})])
+            if time.monotonic() - self._last_heard > AGENT_SILENCE * 3:
+                # long silence: the agent may have restarted without our noticing; ask again
+                self._rehello()
+                self._last_heard = time.monotonic()
+
+
+async def connect(agent: str | None = None, *, name: str = "", timeout: float = 5.0,
+                  max_pending: int = 100_000) -> Client:
+    """Connect to the local agent (`agent`: endpoint or data dir; default $MESHQ_AGENT)."""
+    client = Client(resolve_agent(agent), name=name, max_pending=max_pending)
+    try:
+        await client._handshake(timeout)
+    except BaseException:
+        await client.close()
+        raise
+    return client

@@ -1,0 +1,186 @@
+"""The agent's LevelDB: the only module that imports plyvel.
+
+Layout (all keys bytes; ``\\x00`` separates variable-length parts, which may not contain it):
+
+* ``o\\x00<tenant>\\x00<dest>\\x00<lane>\\x00<seq:8><count:4>`` → batch payload: the outbox.
+  One record holds ``count`` messages with sequence numbers ``seq .. seq+count-1`` of one
+  stream; keys sort by stream then sequence, so a stream reads back in order.
+* ``w\\x00<tenant>\\x00<producer>\\x00<lane>`` → ``<seq:8>``: receiver dedupe watermark.
+* ``n\\x00<tenant>\\x00<dest>\\x00<lane>`` → ``<seq:8>``: a sender's next sequence number.
+* ``d\\x00<tenant>\\x00<origin>`` → msgpack: directory entries learned from ``origin``.
+* ``m\\x00<name>`` → agent metadata (id, keys…).
+* other single-letter prefixes are reserved for later tables (retained log, dead letters).
+
+Writes go into one pending write batch; `commit()` writes it, with fsync when the
+durability mode asks for it and the batch holds something that must survive a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Iterator, NamedTuple
+
+import plyvel
+
+from ._errors import MeshqError, StoreLockedError
+
+_SEQ = struct.Struct(">QI")
+_Q = struct.Struct(">Q")
+
+DURABILITY_MODES = ("fsync", "none")
+
+
+class StreamKey(NamedTuple):
+    """One ordered delivery stream: messages of `tenant` from this agent to `dest` on `lane`."""
+
+    tenant: str
+    dest: str
+    lane: str
+
+
+def _part(text: str) -> bytes:
+    raw = text.encode()
+    if b"\x00" in raw:
+        raise MeshqError(f"store key part {text!r} contains NUL")
+    return raw
+
+
+def _stream_prefix(stream: StreamKey) -> bytes:
+    return b"o\x00" + _part(stream.tenant) + b"\x00" + _part(stream.dest) + b"\x00" + _part(stream.lane) + b"\x00"
+
+
+class Store:
+    """One LevelDB per agent with a pending write batch and group commit."""
+
+    def __init__(self, path: str, durability: str = "fsync") -> None:
+        if durability not in DURABILITY_MODES:
+            raise MeshqError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.durability = durability
+        try:
+            self._db = plyvel.DB(path, create_if_missing=True)
+        except plyvel.IOError as e:
+            if "lock" in str(e).lower():
+                raise StoreLockedError(
+                    f"data directory {path} is in use by another agent (LevelDB lock {os.path.join(path, 'LOCK')} is held)"
+                ) from None
+            raise MeshqError(f"cannot open store at {path}: {e}") from None
+        self._batch = self._db.write_batch()
+        self._dirty = False
+        self._must_sync = False
+        self.commits = 0
+
+    # -- generic -------------------------------------------------------
+    def get(self, key: bytes) -> bytes | None:
+        """Read a committed value."""
+        return self._db.get(key)
+
+    def put(self, key: bytes, value: bytes, durable: bool = False) -> None:
+        """Stage a write; `durable` makes the next commit fsync (in fsync mode)."""
+        self._batch.put(key, value)
+        self._dirty = True
+        self._must_sync |= durable
+
+    def delete(self, key: bytes) -> None:
+        """Stage a delete."""
+        self._batch.delete(key)
+        self._dirty = True
+
+    def scan(self, prefix: bytes, include_value: bool = True) -> Iterator:
+        """Iterate committed keys (and values) under a prefix, in order."""
+        return self._db.iterator(prefix=prefix, include_value=include_value)
+
+    def commit(self) -> bool:
+        """Write the pending batch (group commit); returns True when something was written."""
+        if not self._dirty:
+            return False
+        sync = self._must_sync and self.durability == "fsync"
+        batch, self._batch = self._batch, self._db.write_batch()
+        self._dirty = self._must_sync = False
+        # plyvel's write_batch(sync=) is fixed at creation; write via the DB for a per-commit choice
+        batch.write() if not sync else self._write_sync(batch)
+        self.commits += 1
+        return True
+
+    def _write_sync(self, batch) -> None:
+        batch.write()
+        self._db.put(b"m\x00commit", b"", sync=True)  # an fsync'ed write flushes the log before it
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    def close(self) -> None:
+        """Commit what is pending and close the database; idempotent."""
+        if self._db.closed:
+            return
+        try:
+            self.commit()
+        finally:
+            self._db.close()
+
+    # -- metadata ------------------------------------------------------
+    def get_meta(self, name: str) -> bytes | None:
+        return self._db.get(b"m\x00" + _part(name))
+
+    def put_meta(self, name: str, value: bytes, durable: bool = True) -> None:
+        self.put(b"m\x00" + _part(name), value, durable)
+
+    # -- outbox --------------------------------------------------------
+    def outbox_put(self, stream: StreamKey, seq: int, count: int, payload: bytes) -> None:
+        """Stage one outbox record of `count` messages starting at `seq`."""
+        self.put(_stream_prefix(stream) + _SEQ.pack(seq, count), payload, durable=True)
+
+    def outbox_delete(self, stream: StreamKey, seq: int, count: int) -> None:
+        self.delete(_stream_prefix(stream) + _SEQ.pack(seq, count))
+
+    def outbox_records(self, stream: StreamKey, from_seq: int = 0, include_value: bool = True) -> Iterator:
+        """Yield (seq, count[, payload]) of a stream's records whose last seq >= from_seq, in order."""
+        prefix = _stream_prefix(stream)
+        n = len(prefix)
+        it = self._db.iterator(prefix=prefix, include_value=include_value)
+        if from_seq:
+            it.seek(prefix + _SEQ.pack(from_seq, 0))
+            try:
+                it.prev()  # step back onto the record that may span from_seq
+            except StopIteration:
+                pass
+        for entry in it:
+            key = entry[0] if include_value else entry
+            seq, count = _SEQ.unpack_from(key, n)
+            if seq + count - 1 < from_seq:
+                continue
+            yield (seq, count, entry[1]) if include_value else (seq, count)
+
+    def outbox_streams(self) -> Iterator[tuple[StreamKey, int, int]]:
+        """Yield (stream, messages, bytes) for every stream that has records."""
+        current: StreamKey | None = None
+        msgs = size = 0
+        for key, value in self._db.iterator(prefix=b"o\x00"):
+            parts = key[2:].split(b"\x00", 3)
+            stream = StreamKey(parts[0].decode(), parts[1].decode(), parts[2].decode())
+            _, count = _SEQ.unpack_from(parts[3])
+            if stream != current:
+                if current is not None:
+                    yield current, msgs, size
+                current, msgs, size = stream, 0, 0
+            msgs += count
+            size += len(value)
+        if current is not None:
+            yield current, msgs, size
+
+    # -- sequence numbers and watermarks -------------------------------
+    def get_seq(self, table: bytes, tenant: str, peer: str, lane: str) -> int:
+        raw = self._db.get(table + b"\x00" + _part(tenant) + b"\x00" + _part(peer) + b"\x00" + _part(lane))
+        return _Q.unpack(raw)[0] if raw else 0
+
+    def put_seq(self, table: bytes, tenant: str, peer: str, lane: str, value: int, durable: bool = False) -> None:
+        self.put(table + b"\x00" + _part(tenant) + b"\x00" + _part(peer) + b"\x00" + _part(lane), _Q.pack(value), durable)
+
+    def seqs(self, table: bytes) -> Iterator[tuple[str, str, str, int]]:
+        """Yield (tenant, peer, lane, value) for every entry of a sequence table."""
+        for key, value in self._db.iterator(prefix=table + b"\x00"):
+            tenant, peer, lane = key[2:].split(b"\x00", 2)
+            yield tenant.decode(), peer.decode(), lane.decode(), _Q.unpack(value)[0]

@@ -1,0 +1,188 @@
+"""ZeroMQ sockets: the only module that imports zmq.
+
+The agent side is a plain poll loop (`AgentSockets`): one ROUTER for peers (tcp), one
+ROUTER for local clients (ipc by default), one DEALER per remote agent.  The client side
+(`ClientChannel`) is one asyncio DEALER to the local agent.  Every socket is bounded
+(HWMs, max message size), never lingers on close, and routers report unroutable
+peers instead of dropping silently (ROUTER_MANDATORY).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable
+
+import zmq
+import zmq.asyncio
+
+HWM = 2000                       # multipart messages queued per peer before sends fail fast
+MAX_MSG_BYTES = 256 * 1024 * 1024  # libzmq drops the connection past this; decoders bound tighter
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 2000
+ZMTP_HEARTBEAT_IVL_MS = 1000
+ZMTP_HEARTBEAT_TIMEOUT_MS = 5000
+
+Again = zmq.Again
+
+
+def _common(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
+
+
+def _router(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, str]:
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        raise OSError(f"cannot listen on {endpoint}: {e.strerror}") from None
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+class Dealer:
+    """An outgoing link to one remote agent."""
+
+    __slots__ = ("sock", "endpoint")
+
+    def __init__(self, sock: zmq.Socket, endpoint: str) -> None:
+        self.sock = sock
+        self.endpoint = endpoint
+
+
+class AgentSockets:
+    """The agent's sockets and the poller over them."""
+
+    def __init__(self, identity: bytes, peer_endpoint: str, client_endpoint: str) -> None:
+        self.identity = identity
+        self.ctx = zmq.Context()
+        self._poller = zmq.Poller()
+        self._closed = False
+        try:
+            self.peers, self.peer_endpoint = _router(self.ctx, peer_endpoint)
+            self.clients, self.client_endpoint = _router(self.ctx, client_endpoint)
+        except Exception:
+            self.ctx.destroy(0)
+            raise
+        self._poller.register(self.peers, zmq.POLLIN)
+        self._poller.register(self.clients, zmq.POLLIN)
+        self.dealers: set[Dealer] = set()
+        self._by_sock: dict[zmq.Socket, Dealer] = {}
+
+    def dial(self, endpoint: str) -> Dealer:
+        """Open a DEALER to a remote agent's peer endpoint (connects in the background)."""
+        sock = self.ctx.socket(zmq.DEALER)
+        _common(sock)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a link that is not up
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            raise OSError(f"cannot dial {endpoint}: {e.strerror}") from None
+        dealer = Dealer(sock, endpoint)
+        self.dealers.add(dealer)
+        self._by_sock[sock] = dealer
+        self._poller.register(sock, zmq.POLLIN)
+        return dealer
+
+    def hang_up(self, dealer: Dealer) -> None:
+        """Close one outgoing link."""
+        if dealer in self.dealers:
+            self.dealers.discard(dealer)
+            del self._by_sock[dealer.sock]
+            self._poller.unregister(dealer.sock)
+            dealer.sock.close(0)
+
+    def watch_fd(self, fd: int) -> None:
+        """Also wake the poll loop when `fd` is readable."""
+        self._poller.register(fd, zmq.POLLIN)
+
+    def poll(self, timeout: float) -> list:
+        """Wait up to `timeout` seconds; returns ready objects (sockets, dealers or fds)."""
+        # Poller.poll truncates float milliseconds, so round up to avoid a busy spin
+        ms = max(0, math.ceil(timeout * 1000)) if timeout is not None else None
+        ready = []
+        for sock, _ in self._poller.poll(ms):
+            ready.append(self._by_sock.get(sock, sock))
+        return ready
+
+    @staticmethod
+    def drain(sock: zmq.Socket, limit: int = 256) -> list[list[bytes]]:
+        """Receive up to `limit` waiting multipart messages without blocking."""
+        out = []
+        try:
+            for _ in range(limit):
+                out.append(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        return out
+
+    @staticmethod
+    def send(sock: zmq.Socket, frames: Iterable[bytes]) -> bool:
+        """Send without blocking; False when the peer is unknown, gone or full (the outbox resends)."""
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def close(self) -> None:
+        """Close every socket and the context; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for dealer in list(self.dealers):
+            self.hang_up(dealer)
+        self.peers.close(0)
+        self.clients.close(0)
+        self.ctx.term()
+
+
+def default_client_endpoint(data_dir: str) -> str:
+    """The ipc endpoint of the agent serving `data_dir`."""
+    return "ipc://" + os.path.join(os.path.abspath(data_dir), "agent.sock")
+
+
+class ClientChannel:
+    """One asyncio DEALER from a client to its local agent; reconnects by itself."""
+
+    def __init__(self, endpoint: str, session: bytes) -> None:
+        self.endpoint = endpoint
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        _common(self.sock)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # the client bounds what it sends itself
+        self.sock.setsockopt(zmq.ROUTING_ID, session)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            self.close()
+            raise OSError(f"cannot connect to agent at {endpoint}: {e.strerror}") from None
+
+    def send(self, frames: list[bytes]) -> None:
+        """Queue frames for the agent (never blocks: HWM is unbounded here)."""
+        self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+
+    async def recv(self) -> list[bytes]:
+        """Wait for the next multipart message from the agent."""
+        return await self.sock.recv_multipart()
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
