@@ -219,6 +219,8 @@ class Agent:
         """Serve until stopped; then flush and close everything."""
         for endpoint in self.config.peers:
             self.add_peer_endpoint(endpoint)
+        for _key, endpoint in self.store.scan(b"p\x00"):
+            self.add_peer_endpoint(endpoint.decode(), source="store")
         self.ready.set()
         if on_ready:
             on_ready(self)
@@ -879,6 +881,7 @@ class Agent:
         peer.instance = header_field(h, "instance", str)
         peer.up = True
         peer.dir_sent = {}
+        self.store.put(b"p\x00" + agent_id.encode(), peer.endpoint.encode())
         if peer.liveness is None:
             peer.liveness = Liveness(now, self.config.dead_after / 2, self.config.dead_after)
         peer.liveness.heard(now)
@@ -998,6 +1001,7 @@ class Agent:
                 "state": ("alive" if p.up else "connecting") if p.liveness is None or not p.up else p.liveness.state(now),
                 "last_heard": None if p.liveness is None else round(now - p.liveness.last_heard, 3),
                 "rtt_ms": None if p.rtt is None else round(p.rtt * 1000, 3),
+                "subscriptions": sum(len(v.get(p.agent_id, (0, []))[1]) for v in self._remote_dir.values()),
             } for p in sorted(self.peers.values(), key=lambda p: p.agent_id)],
             "outbox": {"messages": self.outbox_depth(),
                        "streams": sum(1 for s in self.senders.values() if s.pending_msgs > 0)},

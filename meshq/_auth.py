@@ -1,12 +1,11 @@
-"""Tenant credentials, client tokens, agent membership proofs, token buckets and rate-limited logs (pure).
+"""Tenant credentials, client tokens, agent membership proofs, token buckets and rate-limited logs (pure)."""
 
-Nothing here opens a socket or reads a clock (except `RateLimitedLog` when no `now` is given); the
-only I/O is reading and writing credential files. Secrets never appear in a repr, str or exception.
-
-Key separation: every tenant secret S yields three independent keys, HKDF-Expand(S, label) =
-HMAC-SHA256(S, b"meshq/v1/" + label + b"\\x01"), for client-token signing, agent membership proofs
-and discovery tags, so a value produced for one purpose is never valid for another.
-"""
+# Nothing here opens a socket or reads a clock (except RateLimitedLog when no `now` is given); the
+# only I/O is reading and writing credential files. Secrets never appear in a repr, str or exception.
+#
+# Key separation: every tenant secret S yields three independent keys, HKDF-Expand(S, label) =
+# HMAC-SHA256(S, b"meshq/v1/" + label + b"\x01"), for client-token signing, agent membership proofs
+# and discovery tags, so a value produced for one purpose is never valid for another.
 
 from __future__ import annotations
 
@@ -117,7 +116,9 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    if _is_int(v):
+        return -(1 << 63) <= v <= 1 << 63  # huge JSON ints would overflow float()
+    return isinstance(v, float) and math.isfinite(v)
 
 
 _HARD_MAX_MESSAGE_BYTES = 256 << 20
@@ -588,7 +589,7 @@ def verify_token(token: str | bytes, tenant_secrets: Mapping[str, TenantSecret],
     if not isinstance(tenant_name, str) or not _TENANT_RE.fullmatch(tenant_name):
         raise AuthorizationError(_MALFORMED)
     tenant = tenant_secrets.get(tenant_name)
-    if tenant is None:
+    if tenant is None or tenant.name != tenant_name:
         raise AuthorizationError(f"token is for tenant {tenant_name!r}, which is unknown here")
     expected = hmac.new(tenant._token_key, signed.encode("ascii"), hashlib.sha256).digest()
     if not hmac.compare_digest(expected, mac):
@@ -771,19 +772,21 @@ WELCOME = "member_welcome"
 PROOF = "member_proof"
 
 
-class MembershipHandshake:
-    """Sans-IO mutual proof of tenant membership on one CURVE link; both end with the tenant intersection.
+# Membership handshake flow (the side that connected is the initiator and calls start()):
+#   initiator -> HELLO   {type, v, nonce: Na, tags: [tenant_tag(t, Na) for each of its tenants]}
+#   responder -> WELCOME {type, v, nonce: Nb, proofs: {tag: proof_B(t)} for the tags it can match}
+#   initiator -> PROOF   {type, v, proofs: {tag: proof_A(t)} for each t whose proof_B verified}
+# where proof_X(t) = membership_proof(t, N_X, N_other, pk_X, pk_other) binds both nonces, both CURVE
+# keys (as CURVE authenticated them) and the direction, so a proof cannot be replayed on another
+# link, reflected back, or relayed by a man in the middle. Tags are salted with the HELLO nonce, so
+# they reveal no name and are unlinkable across links. A proof that does not verify raises
+# AuthorizationError; anything malformed or out of order raises RemoteProtocolError; a passed
+# deadline raises TimeoutError. After any error the handshake is dead: every further receive()
+# raises RemoteProtocolError.
 
-    Flow (the side that connected is the initiator and calls start()):
-      initiator -> HELLO   {type, v, nonce: Na, tags: [tenant_tag(t, Na) for each of its tenants]}
-      responder -> WELCOME {type, v, nonce: Nb, proofs: {tag: proof_B(t)} for tags it can match}
-      initiator -> PROOF   {type, v, proofs: {tag: proof_A(t)} for each t whose proof_B verified}
-    where proof_X(t) = membership_proof(t, N_X, N_other, pk_X, pk_other) binds both nonces, both
-    CURVE keys (as CURVE authenticated them) and the direction, so proofs cannot be replayed on
-    another link, reflected back, or relayed by a man in the middle. A proof that does not verify
-    raises AuthorizationError; anything malformed or out of order raises RemoteProtocolError. After
-    any error the handshake is dead: every further receive() raises RemoteProtocolError.
-    """
+
+class MembershipHandshake:
+    """Sans-IO mutual proof of tenant membership on one CURVE link; both sides end with the intersection."""
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ import stat
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshq._auth import (
@@ -437,6 +437,8 @@ def test_token_signed_with_another_purpose_key_is_rejected(acme):
         {"sub": [1]},
         {"exp": "tomorrow"},
         {"exp": True},
+        {"exp": 10**400},
+        {"exp": -(10**30)},
         {"name": "a b"},
         {"jti": 5},
         {"extra": 1},
@@ -460,6 +462,22 @@ def test_token_bad_claims_are_malformed_even_when_signed(acme, change):
 def test_token_malformed(acme, token):
     with pytest.raises(AuthorizationError):
         verify_token(token, {"acme": acme}, now=0)
+
+
+def test_token_huge_numbers_are_malformed_not_crashes(acme, tmp_path):
+    claims = json.loads(base64.urlsafe_b64decode(issue_token(acme).split(".")[1] + "=="))
+    tok = _resign(acme._token_key, dict(claims, exp=10**400))
+    with pytest.raises(AuthorizationError):
+        peek_token(tok)
+    with pytest.raises(AuthorizationError):
+        verify_token(tok, {"acme": acme}, now=0)
+    with pytest.raises(ConfigError):
+        write_token_file(tmp_path / "c.json", tok)
+
+
+def test_token_verification_checks_mapping_consistency(acme):
+    with pytest.raises(AuthorizationError):  # a misconfigured mapping never grants another tenant
+        verify_token(issue_token(acme), {"acme": create_tenant("other")}, now=0)
 
 
 def test_token_size_bound(acme):
@@ -569,9 +587,11 @@ def test_token_file_validation(tmp_path, acme):
             load_token_file(path)
     with pytest.raises(ConfigError):
         write_token_file(tmp_path / "x.json", "not a token")
+    write_tenant_file(tmp_path / "t.json", acme)
     with pytest.raises(ConfigError):  # a tenant file is not a token file
-        write_tenant_file(tmp_path / "t.json", acme)
         load_token_file(tmp_path / "t.json")
+    with pytest.raises(ConfigError):  # and vice versa
+        load_tenant_file(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,246 @@
+"""The `meshq` command, in the style of the `nats` CLI.
+
+Listings take `--json`; streams print JSON Lines; connection flags have environment twins
+(`--agent` / MESHQ_AGENT); no secret is ever taken from the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import logging
+import os
+import sys
+import time
+
+import click
+
+from . import __version__
+from ._client import DEFAULT_DATA_DIR, connect
+from ._errors import MeshqError, TimeoutError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+agent_option = click.option(
+    "--agent", envvar="MESHQ_AGENT", default=None, metavar="ENDPOINT",
+    help="The local agent: an endpoint (ipc://…, tcp://…) or its data dir [env: MESHQ_AGENT].",
+)
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"meshq: error: {message}", err=True)
+    sys.exit(code)
+
+
+def client_command(fn):
+    """Run an async command body, turning meshq errors into plain messages and exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return asyncio.run(fn(*args, **kwargs))
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except (MeshqError, OSError) as e:
+            fail(str(e))
+    return wrapper
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="meshq")
+def main() -> None:
+    """meshq: a brokerless, multi-tenant message mesh."""
+
+
+# ---------------------------------------------------------------- agent
+@main.command(context_settings=CONTEXT)
+@click.option("--data-dir", envvar="MESHQ_DATA_DIR", default=DEFAULT_DATA_DIR, show_default=True,
+              type=click.Path(file_okay=False), help="Where the agent keeps its store and socket [env: MESHQ_DATA_DIR].")
+@click.option("--listen", default="tcp://127.0.0.1:7400", show_default=True, metavar="tcp://IP:PORT",
+              help="Peer endpoint to bind.")
+@click.option("--peer", "peers", multiple=True, metavar="tcp://IP:PORT", help="Link to this agent (repeatable).")
+@click.option("--name", default=None, help="A human-friendly agent name (default: host name + id).")
+@click.option("--client-endpoint", default=None, metavar="ENDPOINT",
+              help="Where local clients connect (default: ipc://DATA_DIR/agent.sock).")
+@click.option("--advertise", default=None, metavar="tcp://IP:PORT", help="The endpoint other agents should dial.")
+@click.option("--durability", type=click.Choice(["fsync", "none"]), default="fsync", show_default=True,
+              help="fsync: a publish returns after its group commit is on disk.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def agent(data_dir, listen, peers, name, client_endpoint, advertise, durability, log_level) -> None:
+    """Run an agent in the foreground (logs to stderr; SIGTERM/SIGINT stop it cleanly)."""
+    from ._agent import Agent, AgentConfig
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = AgentConfig(data_dir=data_dir, listen=listen, peers=list(peers), name=name,
+                         client_endpoint=client_endpoint, advertise=advertise, durability=durability)
+    try:
+        node = Agent(config)
+    except (MeshqError, OSError) as e:
+        fail(str(e))
+    node.install_signal_handlers()
+
+    def ready(a) -> None:
+        click.echo(f"meshq agent {a.name} ({a.agent_id}) ready: client {a.sockets.client_endpoint} "
+                   f"peer {a.advertise}")
+        sys.stdout.flush()
+
+    node.run(on_ready=ready)
+
+
+# ---------------------------------------------------------------- pub
+def _parse_headers(pairs) -> dict | None:
+    headers = {}
+    for pair in pairs:
+        key, sep, value = pair.partition(":")
+        if not sep or not key:
+            raise click.UsageError(f"header {pair!r} is not KEY:VALUE")
+        headers[key.strip()] = value.strip()
+    return headers or None
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("subject")
+@click.argument("body", required=False)
+@click.option("-H", "--header", "headers", multiple=True, metavar="KEY:VALUE", help="Add a header (repeatable).")
+@click.option("--count", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Publish N messages; {i} in the body becomes 1..N.")
+@click.option("--ttl", type=float, default=None, help="Expire the message(s) after this many seconds.")
+@agent_option
+@client_command
+async def pub(subject, body, headers, count, ttl, agent) -> None:
+    """Publish BODY (or stdin) to SUBJECT; exits 0 once the local agent has it durably."""
+    hdrs = _parse_headers(headers)
+    if body is None:
+        data = sys.stdin.buffer.read()
+        template = None
+    else:
+        template = body
+        data = body.encode()
+    async with await connect(agent, name="meshq-pub") as mq:
+        start = time.perf_counter()
+        templated = template is not None and "{i}" in template
+        for i in range(1, count + 1):
+            payload = template.replace("{i}", str(i)).encode() if templated else data
+            await mq.publish_async(subject, payload, headers=hdrs, ttl=ttl)
+        await mq.flush()
+        secs = time.perf_counter() - start
+    click.echo(f"Published {count} message{'s' if count != 1 else ''} to {subject!r} in {secs:.3f} s "
+               f"({count / secs if secs > 0 else 0:,.0f} msgs/s)", err=True)
+
+
+# ---------------------------------------------------------------- sub
+def message_json(msg) -> dict:
+    """The JSON Lines shape of a message (data as text, or base64 when not UTF-8)."""
+    out = {"id": msg.id.hex(), "subject": msg.subject, "headers": dict(msg.headers)}
+    try:
+        out["data"] = msg.data.decode("utf-8")
+    except UnicodeDecodeError:
+        out["data"] = base64.b64encode(msg.data).decode()
+        out["encoding"] = "base64"
+    out["redelivered"] = msg.redelivered
+    return out
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("subject")
+@click.option("--group", default=None, help="Join this queue group (one member gets each message).")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Exit 0 after N messages.")
+@click.option("--timeout", type=float, default=None, help="Give up after SECONDS (exit 1 if --count not reached).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@agent_option
+@client_command
+async def sub(subject, group, count, timeout, as_json, agent) -> None:
+    """Subscribe to SUBJECT (wildcards * and >) and print messages; each is acked after printing."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    received = 0
+    out = sys.stdout
+    async with await connect(agent, name="meshq-sub") as mq:
+        subscription = await mq.subscribe(subject, group=group, manual_ack=True)
+        while count is None or received < count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                msg = await subscription.next_msg(timeout=left)
+            except TimeoutError:
+                break
+            received += 1
+            if as_json:
+                out.write(json.dumps(message_json(msg), ensure_ascii=False) + "\n")
+            else:
+                hdrs = "".join(f"\n  {k}: {v}" for k, v in msg.headers.items())
+                text = msg.data.decode("utf-8", "replace")
+                out.write(f"[#{received}] {msg.subject}{' (redelivered)' if msg.redelivered else ''}{hdrs}\n{text}\n")
+            out.flush()
+            await msg.ack()
+    if count is not None and received < count:
+        click.echo(f"meshq: timed out after {received} of {count} messages", err=True)
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- status
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@agent_option
+@client_command
+async def status(as_json, agent) -> None:
+    """Show the local agent: name, endpoints, peers, outbox depth and counters."""
+    async with await connect(agent, name="meshq-status") as mq:
+        st = await mq.status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"agent     {st['name']} ({st['id']})")
+    for k, v in st["endpoints"].items():
+        click.echo(f"{k:<9} {v}")
+    click.echo(f"outbox    {st['outbox']['messages']} messages in {st['outbox']['streams']} streams")
+    click.echo(f"clients   {st['clients']}, subscriptions {st['subscriptions']}")
+    click.echo(f"peers     {len(st['peers'])}")
+    for p in st["peers"]:
+        click.echo(f"  {p['name'] or '?':<20} {p['id']:<18} {p['state']:<10} {p['endpoint']}")
+    if st["counters"]:
+        click.echo("counters")
+        for k, v in st["counters"].items():
+            click.echo(f"  {k:<28} {v}")
+
+
+# ---------------------------------------------------------------- demo
+@main.command(context_settings=CONTEXT)
+@click.option("--count", default=10_000, show_default=True, type=click.IntRange(min=1))
+@click.option("--size", default=100, show_default=True, type=click.IntRange(min=0), help="Body size in bytes.")
+def demo(count, size) -> None:
+    """Two agents on loopback, a publish/subscribe round trip of COUNT messages, a summary."""
+    from ._demo import run_demo
+    try:
+        sys.exit(run_demo(count, size))
+    except (MeshqError, OSError) as e:
+        fail(str(e))
+
+
+# ---------------------------------------------------------------- bench
+@main.command(context_settings=CONTEXT)
+@click.argument("workload", type=click.Choice(["pubsub", "queue", "fanout"]), default="pubsub")
+@click.option("--count", default=100_000, show_default=True, type=click.IntRange(min=1), help="Messages per publisher.")
+@click.option("--size", default=100, show_default=True, type=click.IntRange(min=8), help="Body bytes.")
+@click.option("--consumers", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Consumers (queue, fanout), each behind its own agent.")
+@click.option("--publishers", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--rate", type=float, default=None, help="Pace each publisher at this many msgs/s (for latency).")
+@click.option("--durability", type=click.Choice(["fsync", "none"]), default="fsync", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench(workload, count, size, consumers, publishers, rate, durability, as_json) -> None:
+    """Measure a workload end to end on agents it starts on loopback (clients in separate processes)."""
+    from ._bench import format_result, run_bench
+    progress = None if as_json or not sys.stderr.isatty() else (lambda s: click.echo(s, err=True))
+    try:
+        result = run_bench(workload, count, size, consumers, publishers, durability, rate, progress=progress)
+    except (MeshqError, OSError, RuntimeError) as e:
+        fail(str(e))
+    click.echo(json.dumps(result.as_dict()) if as_json else format_result(result))
+
+
+if __name__ == "__main__":
+    main()
