@@ -152,6 +152,53 @@ def _port_open(port: int) -> bool:
         return False
 
 
+# Watches a pipe from this process; when it closes (normal exit, crash or SIGKILL alike) it
+# stops any process still running from the temp dir and removes the dir.
+_JANITOR = r"""
+import os, shutil, signal, sys, time
+tmp = sys.argv[1]
+sys.stdin.buffer.read()  # EOF: the benchmark process is gone or done
+def procs():
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if tmp.encode() in f.read():
+                        out.append(int(d))
+            except OSError:
+                pass
+    return [p for p in out if p != os.getpid()]
+if os.path.isdir("/proc"):
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        ps = procs()
+        if not ps:
+            break
+        for p in ps:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        end = time.monotonic() + wait
+        while procs() and time.monotonic() < end:
+            time.sleep(0.1)
+shutil.rmtree(tmp, ignore_errors=True)
+"""
+
+
+def _start_janitor(tmp: str) -> int | None:
+    """Start the janitor for ``tmp``; returns the write end of its pipe (close it to release)."""
+    try:
+        r, w = os.pipe()  # not inheritable: only the janitor gets r
+        subprocess.Popen([sys.executable, "-c", _JANITOR, tmp], stdin=r,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True)
+        os.close(r)
+        return w
+    except OSError:
+        return None
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -168,6 +215,7 @@ def _server(kind: str, argv_for, ready, attempts: int = 3) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f"meshq-bench-{kind}-")
     proc: subprocess.Popen | None = None
     log = None
+    janitor = _start_janitor(tmp)
     try:
         last_err = ""
         for _ in range(attempts):
@@ -208,6 +256,8 @@ def _server(kind: str, argv_for, ready, attempts: int = 3) -> Iterator[str]:
         if proc is not None:
             _stop(proc)
         shutil.rmtree(tmp, ignore_errors=True)
+        if janitor is not None:
+            os.close(janitor)
 
 
 @contextlib.contextmanager
@@ -330,6 +380,16 @@ class _Tally:
             "seen": bytes(self.seen), "lat": self.lat.tobytes() if self.lat is not None else None,
             "last_ack_ns": self.last_ack_ns, "first_ns": self.first_ns, "errors": errors,
         }
+
+
+def _worker(target, parent_pid: int, *args) -> None:
+    """Entry point of every worker process: dies with the parent, exits quietly on Ctrl-C."""
+    if sys.platform.startswith("linux"):
+        _child_dies_with_parent()
+    if os.getppid() != parent_pid:  # parent already gone
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    target(*args)
 
 
 def _pace(i: int, t0: float, rate: float, count: int) -> int:
@@ -746,16 +806,17 @@ def _run(system: str, workload: str, count: int, size: int, consumers: int, *,
     go, stop = ctx.Event(), ctx.Event()
     done_counter = ctx.Value("q", 0)
     procs: list = []
+    me = os.getpid()
     errors: list[str] = []
     pub_res: dict | None = None
     cons_res: dict[int, dict] = {}
     setup(plan)
     try:
         for i in range(consumers):
-            procs.append(ctx.Process(target=consumer, name=f"{system}-consumer-{i}",
-                                     args=(plan, i, done_counter, ready, go, stop, out), daemon=True))
-        procs.append(ctx.Process(target=publisher, name=f"{system}-publisher",
-                                 args=(plan, ready, go, stop, out), daemon=True))
+            procs.append(ctx.Process(target=_worker, name=f"{system}-consumer-{i}", daemon=True,
+                                     args=(consumer, me, plan, i, done_counter, ready, go, stop, out)))
+        procs.append(ctx.Process(target=_worker, name=f"{system}-publisher", daemon=True,
+                                 args=(publisher, me, plan, ready, go, stop, out)))
         for p in procs:
             p.start()
         # Everyone connected and bound before the clock starts.

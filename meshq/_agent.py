@@ -80,6 +80,7 @@ class LocalSub:
     conn: "ClientConn | None" = None
     detached_until: float = 0.0
     delivered: int = 0
+    inflight: int = 0                 # handed to the client and not yet acked
 
     @property
     def key(self) -> bytes:
@@ -415,7 +416,8 @@ class Agent:
         """Give back unacked deliveries; their producers are asked to resend them."""
         lowest: dict[tuple, int] = {}
         for tag in [t for t, v in conn.outstanding.items() if which(v)]:
-            key, seq, _counter, _sub = conn.outstanding.pop(tag)
+            key, seq, _counter, sub = conn.outstanding.pop(tag)
+            sub.inflight -= 1
             st = self.inbound.get(key)
             if st is not None:
                 st.abandon(seq)
@@ -439,7 +441,8 @@ class Agent:
                 entry = pop(tag, None)
                 if entry is None:
                     continue
-                key, seq, counter, _sub = entry
+                key, seq, counter, sub = entry
+                sub.inflight -= 1
                 if counter is not None:
                     counter[0] -= 1
                     if counter[0] > 0:
@@ -462,7 +465,8 @@ class Agent:
             entry = conn.outstanding.pop(tag, None)
             if entry is None:
                 continue
-            key, seq, _c, _s = entry
+            key, seq, _c, sub = entry
+            sub.inflight -= 1
             st = self.inbound.get(key)
             if st is not None:
                 st.abandon(seq)
@@ -637,6 +641,7 @@ class Agent:
             st.start(seq)
             counter = [len(targets)] if len(targets) > 1 else None
             for sub in targets:
+                sub.inflight += 1
                 lst = batches.get(sub)
                 if lst is None:
                     batches[sub] = [(seq, counter, item)]
@@ -690,7 +695,7 @@ class Agent:
         live = [s for s in subs if s.conn is not None]
         if not live:
             return None
-        return [min(live, key=lambda s: len(s.conn.outstanding) + s.delivered * 1e-12)]
+        return [min(live, key=lambda s: s.inflight)]
 
     def _flush_acks(self) -> None:
         for key in self._acks_due:

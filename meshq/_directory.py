@@ -35,7 +35,8 @@ nothing of it is applied (all-or-nothing).
 
 Own entries
 -----------
-Nothing received can change this agent's own entries. Seeing a version of our own origin above
+Nothing received can change this agent's own entries. An agent that starts without saved state
+should pass `epoch` (e.g. wall-clock microseconds) so its new versions exceed its old ones. Seeing a version of our own origin above
 our counter, or an own entry we never wrote, means we lost state (restart without persistence):
 the directory then *resets* its origin — the counter jumps past everything seen to a new epoch,
 every own live entry is re-stamped, and every replica (origin or relay) answers a peer that is
@@ -216,8 +217,14 @@ def _decode_value(kind: object, body: object) -> Value:
 class Directory:
     """One tenant's replicated directory as seen by agent `self_id` (pure: no I/O, no clock)."""
 
-    def __init__(self, self_id: str, tombstone_ttl: float = 600.0, max_items: int = 100_000) -> None:
+    def __init__(self, self_id: str, tombstone_ttl: float = 600.0, max_items: int = 100_000,
+                 epoch: int = 0) -> None:
+        """`epoch`: for an agent starting WITHOUT saved state, a number above any version an earlier run of it
+        used (wall-clock microseconds is the intended choice); its versions start there and peers drop its
+        older entries. With 0, stale own entries are only retracted once a peer shows a higher own version."""
         _check_name("agent id", self_id, MAX_ORIGIN, False)
+        if not _is_int(epoch, 0):
+            raise LocalProtocolError("epoch must be a non-negative int below 2**63")
         self.self_id = self_id
         self.tombstone_ttl = float(tombstone_ttl)
         self.max_items = max_items
@@ -233,6 +240,9 @@ class Directory:
         self._live = 0
         self.ignored_stale = 0   # counters, for metrics
         self.resets = 0
+        if epoch:
+            self._complete[self_id] = epoch
+            self._epoch[self_id] = epoch
 
     # ----------------------------------------------------------------------------- local writes
 

@@ -18,7 +18,7 @@ from meshq._errors import (
 
 TTL = 5.0
 IDS = ["a", "b", "c", "d", "e"]
-KEYS = ["k0", "k1", "k2", "k3"]
+KEYS = ["k0", "k1", "k2"]
 VALUES = [
     Subscription("orders.>"),
     Subscription("orders.*", queue="workers"),
@@ -46,15 +46,18 @@ def exchange_round(replicas: list[Directory], now: float) -> None:
                 i.apply(j.delta_since(i.versions()), now)
 
 
-ops = st.one_of(
-    st.tuples(st.just("put"), st.integers(0, 4), st.integers(0, len(KEYS) - 1), st.integers(0, len(VALUES) - 1)),
-    st.tuples(st.just("remove"), st.integers(0, 4), st.integers(0, len(KEYS) - 1)),
+_put = st.tuples(st.just("put"), st.integers(0, 4), st.integers(0, len(KEYS) - 1), st.integers(0, len(VALUES) - 1))
+_remove = st.tuples(st.just("remove"), st.integers(0, 4), st.integers(0, len(KEYS) - 1))
+_deliver = st.tuples(st.just("deliver"), st.integers(0, 1000), st.booleans())   # True: a duplicate stays in flight
+ops = st.one_of(   # repeated branches weight the mix towards writes and (lossy, reordered) delivery
+    _put, _put, _put, _remove, _remove, _remove, _deliver, _deliver, _deliver, _deliver,
+    st.tuples(st.just("drop"), st.integers(0, 1000)),
     st.tuples(st.just("sync"), st.integers(0, 4), st.integers(0, 4)),
     st.tuples(st.just("snap"), st.integers(0, 4), st.integers(0, 4)),
-    st.tuples(st.just("deliver"), st.integers(0, 1000), st.booleans()),
-    st.tuples(st.just("drop"), st.integers(0, 1000)),
     st.tuples(st.just("tick"), st.floats(0, 2.0)),
-    st.tuples(st.just("expire"), st.integers(0, 4)),
+    st.tuples(st.just("tick"), st.floats(0, 2.0)),
+    st.tuples(st.just("expire"), st.integers(0, 5)),     # 5: every replica
+    st.tuples(st.just("expire"), st.integers(0, 5)),
     st.tuples(st.just("restart"), st.integers(0, 4)),
 )
 
@@ -64,6 +67,7 @@ def run(n: int, script: list, lost_state: bool) -> tuple[list[Directory], float]
     routing = [set() for _ in range(n)]     # each replica's remote entries, rebuilt only from Changes
     net: list[tuple[float, int, list]] = []  # (sent at, destination, message)
     now = 0.0
+    lost_restarts = 0
 
     def deliver(dst: int, msg: list) -> None:
         for ch in replicas[dst].apply(msg, now):
@@ -100,11 +104,13 @@ def run(n: int, script: list, lost_state: bool) -> tuple[list[Directory], float]
         elif kind == "tick":
             now += op[1]
         elif kind == "expire":
-            replicas[op[1] % n].expire(now)
+            for d in (replicas if op[1] == 5 else [replicas[op[1] % n]]):
+                d.expire(now)
         elif kind == "restart":
             r = op[1] % n
-            if lost_state:
-                replicas[r] = Directory(IDS[r], tombstone_ttl=TTL)
+            if lost_state:   # a fresh start with an epoch above every earlier version (like wall-clock µs)
+                lost_restarts += 1
+                replicas[r] = Directory(IDS[r], tombstone_ttl=TTL, epoch=1_000_000 * lost_restarts)
             else:
                 replicas[r] = Directory.from_state(replicas[r].to_state(), IDS[r], now)
             routing[r] = {e for e in replicas[r].entries() if e.origin != IDS[r]}
@@ -130,10 +136,9 @@ def test_replicas_converge_after_one_exchange_round(n, script):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(2, 5), script=st.lists(ops, max_size=80))
-def test_replicas_converge_after_restarts_without_state(n, script):
+def test_replicas_converge_after_restarts_without_state_given_an_epoch(n, script):
     replicas, now = run(n, script, lost_state=True)
-    for _ in range(2):
-        exchange_round(replicas, now)
+    exchange_round(replicas, now)
     expected = truth(replicas)
     for d in replicas:
         assert live(d) == expected
@@ -145,9 +150,8 @@ def test_replicas_converge_after_restarts_without_state(n, script):
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(2, 4), script=st.lists(ops, max_size=60), wait=st.floats(0, 3 * TTL))
 def test_expiry_everywhere_then_sync_does_not_resurrect(n, script, wait):
-    """After a full round, expiring tombstones anywhere and syncing again keeps every replica on the truth."""
+    """Laggards meet replicas that purged the tombstones they miss: a full round still reaches the truth."""
     replicas, now = run(n, script, lost_state=False)
-    exchange_round(replicas, now)
     now += wait
     for d in replicas:
         d.expire(now)
