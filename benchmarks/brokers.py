@@ -800,6 +800,7 @@ def _run(system: str, workload: str, count: int, size: int, consumers: int, *,
         expected = count / rate if workload == "latency" else count / 2000.0
         timeout = max(60.0, expected * 4 + 30)
     plan = _Plan(system, workload, count, size, consumers, rate, url, stream, groups, timeout)
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
     ctx = mp.get_context("spawn")
     ready, out = ctx.Queue(), ctx.Queue()
@@ -942,6 +943,7 @@ def _run(system: str, workload: str, count: int, size: int, consumers: int, *,
         "publish_seconds": round((pub_res["t_end"] - t_start) / 1e9, 4) if pub_res else None,
         "server_version": version(url),
         "client": _client_info(system),
+        "host": {"cpus": os.cpu_count(), "loadavg_1m_before": load_before},
     }
     if workload == "fanout":
         result["delivered_each"] = delivered_each

@@ -121,7 +121,7 @@ def run(n: int, script: list, lost_state: bool) -> tuple[list[Directory], float]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(2, 5), script=st.lists(ops, max_size=80))
+@given(n=st.integers(2, 5), script=st.lists(ops, min_size=20, max_size=100))
 def test_replicas_converge_after_one_exchange_round(n, script):
     replicas, now = run(n, script, lost_state=False)
     exchange_round(replicas, now)
@@ -135,7 +135,7 @@ def test_replicas_converge_after_one_exchange_round(n, script):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(2, 5), script=st.lists(ops, max_size=80))
+@given(n=st.integers(2, 5), script=st.lists(ops, min_size=20, max_size=100))
 def test_replicas_converge_after_restarts_without_state_given_an_epoch(n, script):
     replicas, now = run(n, script, lost_state=True)
     exchange_round(replicas, now)
@@ -148,7 +148,7 @@ def test_replicas_converge_after_restarts_without_state_given_an_epoch(n, script
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(2, 4), script=st.lists(ops, max_size=60), wait=st.floats(0, 3 * TTL))
+@given(n=st.integers(2, 4), script=st.lists(ops, min_size=20, max_size=100), wait=st.floats(0, 3 * TTL))
 def test_expiry_everywhere_then_sync_does_not_resurrect(n, script, wait):
     """Laggards meet replicas that purged the tombstones they miss: a full round still reaches the truth."""
     replicas, now = run(n, script, lost_state=False)

@@ -48,7 +48,7 @@ for i in range(n):
         while u.recv(100) != str(i).encode():
             pass
         got += 1
-    except socket.timeout:
+    except OSError:  # timeout, or EHOSTUNREACH while ARP is failing
         pass
 print(got)
 try:
@@ -164,8 +164,8 @@ def test_loss():
         lan.loss(1, 100)
         assert echo(lan, 0, 1, n=3, timeout=0.2)[0] == 0
         lan.loss(1, 50)  # request and reply each dropped with p=0.5: ~25% of round trips survive
-        got, _ = echo(lan, 0, 1, n=200, timeout=0.02)
-        assert 10 <= got <= 110, got
+        got, _ = echo(lan, 0, 1, n=100, timeout=0.04)
+        assert 5 <= got <= 60, got
         lan.loss(1, 0)
         assert echo(lan, 0, 1, n=50, timeout=0.5)[0] == 50
 

@@ -274,7 +274,7 @@ class VirtualLan:
             self._apply_nft()
 
     def loss(self, host: int, percent: float) -> None:
-        """Drop each frame to or from host with probability percent/100 (nftables numgen); 0 clears."""
+        """Drop each non-ARP frame to or from host with probability percent/100 (nftables numgen); 0 clears."""
         self._host(host)
         if not 0 <= percent <= 100:
             raise LanError("percent must be within 0..100")
@@ -297,8 +297,9 @@ class VirtualLan:
             thr = int(round(pct * 10000))
             port = self._port(h)
             rnd = "" if thr >= 1000000 else f"numgen random mod 1000000 < {thr} "
-            rules.append(f'iifname "{port}" {rnd}drop')
-            rules.append(f'oifname "{port}" {rnd}drop')
+            # ARP is spared: a lossy ARP leaves neighbours INCOMPLETE for seconds, which is not "loss"
+            rules.append(f'iifname "{port}" ether type != arp {rnd}drop')
+            rules.append(f'oifname "{port}" ether type != arp {rnd}drop')
         body = "\n".join("    " + r for r in rules)
         script = (
             f"table bridge {_NFT_TABLE}\n"
