@@ -34,16 +34,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import _envelope as env
+from ._auth import (
+    ClientGrant, MembershipHandshake, RateLimitedLog, RateLimiter, TenantSecret, load_tenant_files, verify_token,
+)
 from ._envelope import Kind, header_field, pack, unpack_header, unpack_items
-from ._errors import BadSubjectError, MeshqError, RemoteProtocolError
+from ._errors import AuthorizationError, BadSubjectError, MeshqError, ProtocolError, RemoteProtocolError
 from ._protocol import InboundStream, Liveness, StreamSender
 from ._store import Store, StreamKey
 from ._subject import SubjectIndex, validate_pattern, validate_subject
-from ._transport import AgentSockets, Dealer, default_client_endpoint
+from ._transport import AgentSockets, Dealer, KeyBeacon, curve_keypair, curve_public, default_client_endpoint
 
 log = logging.getLogger("meshq.agent")
 
-DEFAULT_TENANT = "default"
+DEFAULT_TENANT = "default"     # the open tenant: served without credentials when no tenant file is given
 SEQ_NEXT = b"n"
 SEQ_WATERMARK = b"w"
 
@@ -66,6 +69,8 @@ class AgentConfig:
     ack_wait: float = 5.0
     window_msgs: int = 20_000
     hold_delay: float = 0.25                 # retry delay asked of producers for held messages
+    tenant_files: list[str] = field(default_factory=list)
+    open_tenant: bool | None = None          # serve the credential-less "default" tenant (default: iff no tenant files)
 
 
 @dataclass(eq=False)
@@ -95,6 +100,8 @@ class ClientConn:
     name: str
     tenant: str
     liveness: Liveness
+    grant: ClientGrant | None = None          # None: the open tenant, everything allowed
+    allowed_subjects: dict = field(default_factory=dict)   # subject -> may publish (cache)
     subs: dict[int, LocalSub] = field(default_factory=dict)
     outstanding: dict[int, tuple] = field(default_factory=dict)  # tag -> (stream key, seq, counter)
     next_tag: int = 1
@@ -109,7 +116,13 @@ class Peer:
     dealer: Dealer | None
     name: str = ""
     source: str = "static"
-    up: bool = False                 # our HELLO was welcomed on the current connection
+    pubkey: str = ""                 # its CURVE server key (what we dial with)
+    in_key: str = ""                 # the CURVE key its connection to us authenticated with
+    out_tenants: frozenset = frozenset()   # tenants it proved on our link to it: we may send these
+    in_tenants: frozenset = frozenset()    # tenants it proved on its link to us: we accept these
+    hs_out: MembershipHandshake | None = None
+    hs_in: MembershipHandshake | None = None
+    up: bool = False                 # handshake complete on the current connection
     instance: str = ""
     inbound_instance: str = ""       # its instance as last seen on our ROUTER
     liveness: Liveness | None = None
@@ -124,14 +137,22 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self.tenants: dict[str, TenantSecret] = load_tenant_files(config.tenant_files)
+        self.open = (not self.tenants) if config.open_tenant is None else config.open_tenant
+        if DEFAULT_TENANT in self.tenants:
+            raise MeshqError(f"the tenant name {DEFAULT_TENANT!r} is reserved for the open tenant")
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         self.store = Store(os.path.join(config.data_dir, "store"), config.durability)
+        self.beacon: KeyBeacon | None = None
         try:
             self._load_identity()
+            curve_secret = _load_or_create_key(os.path.join(config.data_dir, "agent.key"))
             client_ep = config.client_endpoint or default_client_endpoint(config.data_dir)
-            self.sockets = AgentSockets(self.agent_id.encode(), config.listen, client_ep)
+            self.sockets = AgentSockets(self.agent_id.encode(), config.listen, client_ep, curve_secret)
         except BaseException:
             self.store.close()
             raise
+        self.pubkey = self.sockets.curve_public
         self.instance = os.urandom(8).hex()
         self.advertise = config.advertise or _advertised(self.sockets.peer_endpoint)
         self.counters: dict[str, int] = {}
@@ -142,6 +163,17 @@ class Agent:
         os.set_blocking(self._stop_w, False)
         self.sockets.watch_fd(self._stop_r)
         self.ready = threading.Event()
+        self.peer_log = RateLimitedLog(log, interval=10.0)
+        self._limiters: dict[str, RateLimiter | None] = {t: s.quotas.rate_limiter() for t, s in self.tenants.items()}
+        self.tenant_counters: dict[str, dict[str, int]] = {}
+        self._tenant_outbox: dict[str, list[int]] = {}   # tenant -> [messages, bytes]
+        self._key_waits: dict[str, tuple[str, float]] = {}   # endpoint -> (source, next ask)
+        try:
+            self.beacon = KeyBeacon(self.sockets.peer_endpoint, pack({"v": env.PROTOCOL_VERSION, "id": self.agent_id, "pk": self.pubkey}))
+            self.sockets.watch_fd(self.beacon.fileno())
+        except OSError as e:
+            log.warning("key beacon unavailable on %s (%s): agents must be given this agent's key", self.sockets.peer_endpoint, e)
+        self._beacon_limiter = RateLimiter(200.0, 400)
 
         self.senders: dict[StreamKey, StreamSender] = {}
         self.inbound: dict[tuple[str, str, str], InboundStream] = {}
@@ -176,7 +208,7 @@ class Agent:
     def _load_state(self) -> None:
         now = time.monotonic()
         next_seqs = {(t, p, l): v for t, p, l, v in self.store.seqs(SEQ_NEXT)}
-        for stream, msgs, _ in self.store.outbox_streams():
+        for stream, msgs, size in self.store.outbox_streams():
             first = next(self.store.outbox_records(stream, 0, include_value=False))[0]
             last_end = None
             for seq, count in self.store.outbox_records(stream, 0, include_value=False):
@@ -184,6 +216,7 @@ class Agent:
             nxt = max(next_seqs.get(tuple(stream), 1), last_end or 1)
             sender = self._new_sender(stream, nxt, first - 1)
             sender.pending_msgs = msgs
+            self._outbox_add(stream.tenant, msgs, size)
         for (t, p, l), v in next_seqs.items():
             stream = StreamKey(t, p, l)
             if stream not in self.senders:
@@ -220,8 +253,12 @@ class Agent:
         """Serve until stopped; then flush and close everything."""
         for endpoint in self.config.peers:
             self.add_peer_endpoint(endpoint)
-        for _key, endpoint in self.store.scan(b"p\x00"):
-            self.add_peer_endpoint(endpoint.decode(), source="store")
+        for _key, value in self.store.scan(b"p\x00"):
+            try:
+                endpoint, pubkey = unpack_header(value)
+                self.add_peer_endpoint(str(endpoint), source="store", pubkey=str(pubkey))
+            except (RemoteProtocolError, ValueError, TypeError):
+                self._count("store_bad_peer")
         self.ready.set()
         if on_ready:
             on_ready(self)
@@ -255,11 +292,13 @@ class Agent:
                 for frames in self.sockets.drain(obj):
                     self._guard(self._on_client_frames, frames, "client")
             elif obj is self.sockets.peers:
-                for frames in self.sockets.drain(obj):
-                    self._guard(self._on_peer_frames, frames, "peer")
+                for user, frames in self.sockets.drain_peers():
+                    self._guard(self._on_peer_frames, frames, "peer", user)
             elif isinstance(obj, Dealer):
                 for frames in self.sockets.drain(obj.sock):
                     self._guard(self._on_dealer_frames, frames, "link", obj)
+            elif self.beacon is not None and obj == self.beacon.fileno():
+                self._on_beacon(time.monotonic())
             elif obj == self._stop_r:
                 try:
                     os.read(self._stop_r, 64)
@@ -271,12 +310,12 @@ class Agent:
         """Run a frame handler; malformed input is dropped and counted, never raised."""
         try:
             handler(frames, *extra)
-        except RemoteProtocolError as e:
+        except (MeshqError, UnicodeDecodeError) as e:
             self._count(f"dropped_{where}_frames")
-            log.debug("dropped %s frame: %s", where, e)
-        except (MeshqError, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
-            self._count(f"dropped_{where}_frames")
-            log.debug("dropped %s frame: %r", where, e)
+            self.peer_log.warning(f"drop-{where}", "dropped a malformed %s frame: %s", where, e)
+        except Exception:  # a bug here must not take the receive loop down
+            self._count("internal_errors")
+            log.exception("internal error handling a %s frame (dropped)", where)
 
     def _after_turn(self, now: float) -> None:
         for stream in self._touched:
@@ -295,8 +334,21 @@ class Agent:
             self._timers(now)
             self._next_timer = now + min(0.1, self.config.heartbeat_interval / 2)
 
-    def _count(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
+    def _count(self, name: str, n: int = 1, tenant: str | None = None) -> None:
+        if tenant is None:
+            self.counters[name] = self.counters.get(name, 0) + n
+        else:
+            tc = self.tenant_counters.get(tenant)
+            if tc is None:
+                tc = self.tenant_counters[tenant] = {}
+            tc[name] = tc.get(name, 0) + n
+
+    def _outbox_add(self, tenant: str, msgs: int, size: int) -> None:
+        box = self._tenant_outbox.get(tenant)
+        if box is None:
+            box = self._tenant_outbox[tenant] = [0, 0]
+        box[0] += msgs
+        box[1] += size
 
     # ------------------------------------------------------------------ clients
     def _on_client_frames(self, frames: list[bytes]) -> None:
@@ -322,9 +374,9 @@ class Agent:
             try:
                 items = unpack_items(frames[3])
             except RemoteProtocolError as e:
-                self._pubacks.append((ident, [header[0], 0, [[-1, "malformed", str(e)]]]))
+                self._pubacks.append((ident, [header[0], 0, [[0, len(frames[3]), "malformed", str(e), None]]]))
                 raise
-            self._accept(conn, header[0], items)
+            self._accept(conn, header[0], items, len(frames[3]))
         elif kind == Kind.ACK:
             self._client_ack(conn, unpack_header(frames[2]))
         elif kind == Kind.NACK:
@@ -339,7 +391,7 @@ class Agent:
         elif kind == Kind.HEARTBEAT:
             self.sockets.send(self.sockets.clients, [ident, Kind.HEARTBEAT, pack({"instance": self.instance})])
         elif kind == Kind.STATUS:
-            self.sockets.send(self.sockets.clients, [ident, Kind.STATUSOK, pack(self.status())])
+            self.sockets.send(self.sockets.clients, [ident, Kind.STATUSOK, pack(self.status(conn.tenant))])
         elif kind == Kind.BYE:
             self._drop_client(conn, graceful=True)
         else:
@@ -347,15 +399,35 @@ class Agent:
 
     def _client_hello(self, ident: bytes, header: Any) -> None:
         name = header_field(header, "name", str, "")[:128]
+        token = header_field(header, "token", (str, type(None)), None)
+        try:
+            grant, tenant = self._authenticate(token)
+        except AuthorizationError as e:
+            self._count("client_auth_failures")
+            self.peer_log.warning("client-auth", "refused a client: %s", e)
+            self.sockets.send(self.sockets.clients, [ident, Kind.ERROR, pack({"code": "auth", "message": str(e)})])
+            return
         old = self.clients.get(ident)
         if old is not None:
             self._drop_client(old, graceful=False)
+            if old.tenant != tenant:   # a session cannot change tenant: its old subscriptions end
+                for sub in [s for s in self.local_subs.values() if s.session == ident]:
+                    self._remove_local_sub(sub)
         now = time.monotonic()
-        self.clients[ident] = ClientConn(ident, name, DEFAULT_TENANT, Liveness(now, self.config.client_timeout / 2, self.config.client_timeout))
+        self.clients[ident] = ClientConn(ident, name, tenant, Liveness(now, self.config.client_timeout / 2, self.config.client_timeout), grant)
         self.sockets.send(self.sockets.clients, [ident, Kind.WELCOME, pack({
             "v": env.PROTOCOL_VERSION, "id": self.agent_id, "name": self.name, "instance": self.instance,
         })])
         self._count("client_sessions")
+
+    def _authenticate(self, token: str | None) -> tuple[ClientGrant | None, str]:
+        """The grant and tenant of a client credential (AuthorizationError if refused)."""
+        if token is None:
+            if not self.open:
+                raise AuthorizationError("this agent requires credentials: pass creds= / --creds / MESHQ_CREDS")
+            return None, DEFAULT_TENANT
+        grant = verify_token(token, self.tenants, time.time())
+        return grant, grant.tenant
 
     def _client_sub(self, conn: ClientConn, header: Any) -> None:
         sid = header_field(header, "sid", int)
@@ -365,8 +437,12 @@ class Agent:
             validate_pattern(pattern)
             if group is not None and (not group or "\x00" in group or len(group) > 128):
                 raise BadSubjectError("queue group names are 1..128 characters without NUL")
-        except BadSubjectError as e:
-            self.sockets.send(self.sockets.clients, [conn.ident, Kind.SUBOK, pack({"sid": sid, "error": str(e)})])
+            if conn.grant is not None:
+                conn.grant.check_subscribe(pattern)
+        except (BadSubjectError, AuthorizationError) as e:
+            code = "forbidden" if isinstance(e, AuthorizationError) else "bad-subject"
+            self._count("subscribe_refused", tenant=conn.tenant)
+            self.sockets.send(self.sockets.clients, [conn.ident, Kind.SUBOK, pack({"sid": sid, "error": str(e), "code": code})])
             return
         existing = self.local_subs.get((conn.ident, sid))
         if existing is not None and existing.pattern == pattern and existing.group == group:
@@ -476,22 +552,70 @@ class Agent:
         self._count("client_nacks", len(wanted))
 
     # ------------------------------------------------------------------ publishing
-    def _accept(self, conn: ClientConn, batch_id: int, items: list) -> None:
+    def _quota_admit(self, conn: ClientConn, items: list, payload_bytes: int) -> tuple[int, list | None]:
+        """How many of a batch's messages the tenant's quotas admit now, and the refusal for the rest."""
+        secret = self.tenants.get(conn.tenant)
+        n = len(items)
+        if secret is None:
+            return n, None
+        q = secret.quotas
+        box = self._tenant_outbox.get(conn.tenant, (0, 0))
+        if box[0] + n > q.max_outbox_messages or box[1] + payload_bytes > q.max_outbox_bytes:
+            return 0, ["quota", f"tenant {conn.tenant!r} outbox is full ({box[0]} messages, {box[1]} bytes)", 1.0]
+        limiter = self._limiters.get(conn.tenant)
+        if limiter is None:
+            return n, None
+        now = time.monotonic()
+        k = min(n, int(limiter.available(now)))
+        if k:
+            limiter.try_acquire(k, now)
+        if k == n:
+            return n, None
+        wait = limiter.delay_for(min(n - k, limiter.burst), now)
+        return k, ["quota", f"tenant {conn.tenant!r} is over its publish rate of {q.publish_rate:g} msgs/s", round(wait, 3)]
+
+    def _accept(self, conn: ClientConn, batch_id: int, items: list, payload_bytes: int = 0) -> None:
         """Route a client's batch into outbox streams (written at the end of this turn)."""
         tenant = conn.tenant
+        admitted, refusal = self._quota_admit(conn, items, payload_bytes)
+        if refusal is not None:
+            self._count("quota_refused", len(items) - admitted, tenant=tenant)
         now_ms = int(time.time() * 1000)
         per_stream: dict[StreamKey, list] = {}
         rejects = []
         cache = self._route_cache
+        grant = conn.grant
+        allowed = conn.allowed_subjects
+        secret = self.tenants.get(tenant)
+        max_body = secret.quotas.max_message_bytes if secret is not None else None
         unrouted = expired = 0
         for i, item in enumerate(items):
+            if i >= admitted:
+                _refuse(rejects, i, *refusal)
+                continue
             subject = item[1]
+            if grant is not None:
+                ok = allowed.get(subject)
+                if ok is None:
+                    try:
+                        ok = grant.may_publish(subject)
+                    except BadSubjectError:
+                        ok = True   # reported as bad-subject below
+                    if len(allowed) > 10_000:
+                        allowed.clear()
+                    allowed[subject] = ok
+                if not ok:
+                    _refuse(rejects, i, "forbidden", f"not allowed to publish to {subject!r}")
+                    continue
+            if max_body is not None and len(item[5]) > max_body:
+                _refuse(rejects, i, "quota", f"a message body exceeds the tenant's limit of {max_body} bytes")
+                continue
             route = cache.get((tenant, subject))
             if route is None:
                 try:
                     validate_subject(subject)
                 except BadSubjectError as e:
-                    rejects.append([i, "bad-subject", str(e)])
+                    _refuse(rejects, i, "bad-subject", str(e))
                     continue
                 route = self._compute_route(tenant, subject)
             expires = item[4]
@@ -516,13 +640,16 @@ class Agent:
             payload = pack(lst)
             seq = sender.append(len(lst), payload)
             self.store.outbox_put(stream, seq, len(lst), payload)
+            self._outbox_add(tenant, len(lst), len(payload))
             self._touched.add(stream)
-        accepted = len(items) - len(rejects)
-        self._count("published", accepted)
+        accepted = len(items) - sum(r[1] - r[0] + 1 for r in rejects)
+        self._count("published", accepted, tenant=tenant)
+        if accepted < len(items):
+            self._count("publish_refused", len(items) - accepted, tenant=tenant)
         if unrouted:
-            self._count("dropped_no_subscriber", unrouted)
+            self._count("dropped_no_subscriber", unrouted, tenant=tenant)
         if expired:
-            self._count("dropped_expired", expired)
+            self._count("dropped_expired", expired, tenant=tenant)
         self._pubacks.append((conn.ident, [batch_id, accepted, rejects]))
 
     def _compute_route(self, tenant: str, subject: str) -> tuple:
@@ -551,7 +678,7 @@ class Agent:
             sender = self.senders.get(stream)
             load = sender.pending_msgs if sender else 0
             peer = self.peers.get(stream.dest)
-            if stream.dest != self.agent_id and (peer is None or not peer.up):
+            if stream.dest != self.agent_id and (peer is None or not peer.up or tenant not in peer.out_tenants):
                 load += 1 << 40   # reachable members first
             if best_load is None or load < best_load:
                 best, best_load = stream, load
@@ -567,7 +694,7 @@ class Agent:
             peer = None
             if not local:
                 peer = self.peers.get(stream.dest)
-                if peer is None or not peer.up or peer.dealer is None:
+                if peer is None or not peer.up or peer.dealer is None or stream.tenant not in peer.out_tenants:
                     continue
             records = sender.due(now, lambda seq, n, s=stream: self._load(s, seq, n))
             for rec in records:
@@ -579,7 +706,7 @@ class Agent:
                         sender.rewind(now)
                         self._count("send_failures")
                         break
-                    self._count("delivered_out", rec.count)
+                    self._count("delivered_out", rec.count, tenant=stream.tenant)
             if records and local:
                 self._flush_acks()
 
@@ -596,19 +723,27 @@ class Agent:
         sender = self.senders.get(stream)
         if sender is None:
             return
-        for seq, count in sender.on_ack(through, now):
+        before = sender.pending_msgs
+        freed = 0
+        for seq, count, size in sender.on_ack(through, now):
             self.store.outbox_delete(stream, seq, count)
+            freed += size
+        self._outbox_add(stream.tenant, sender.pending_msgs - before, -freed)
 
     def _ack_from_store(self, stream: StreamKey, through: int, now: float) -> None:
         """Delete every stored record a receiver's watermark covers (after a restart on either side)."""
         sender = self.senders.get(stream)
         if sender is None:
             return
-        for seq, count in list(self.store.outbox_records(stream, 0, include_value=False)):
+        freed = 0
+        for seq, count, payload in self.store.outbox_records(stream, 0):
             if seq + count - 1 > through:
                 break
             self.store.outbox_delete(stream, seq, count)
+            freed += len(payload)
+        before = sender.pending_msgs
         sender.on_ack(through, now)
+        self._outbox_add(stream.tenant, sender.pending_msgs - before, -freed)
 
     # ------------------------------------------------------------------ receiving
     def _on_deliver(self, producer: str, tenant: str, lane: str, first_seq: int, attempt: int, items: list) -> None:
@@ -720,40 +855,83 @@ class Agent:
             self.sockets.send(self.sockets.peers, [producer.encode(), Kind.DNACK, pack([tenant, lane, seq, int(delay * 1000)])])
 
     # ------------------------------------------------------------------ peers
-    def add_peer_endpoint(self, endpoint: str, source: str = "static") -> None:
-        """Dial an agent by endpoint; its id is learned from its WELCOME."""
+    def add_peer_endpoint(self, endpoint: str, source: str = "static", pubkey: str | None = None) -> None:
+        """Link to the agent at `endpoint`; without its CURVE key, ask its key beacon first."""
+        if endpoint in (self.advertise, self.sockets.peer_endpoint) or pubkey == self.pubkey:
+            return
         for peer in list(self.peers.values()) + list(self._dials.values()):
             if peer.endpoint == endpoint:
                 return
-        if endpoint in (self.advertise, self.sockets.peer_endpoint):
+        if not pubkey:
+            self._key_waits.setdefault(endpoint, (source, 0.0))
             return
-        dealer = self.sockets.dial(endpoint)
-        peer = Peer("", endpoint, dealer, source=source)
-        self._dials[dealer] = peer
+        self._key_waits.pop(endpoint, None)
+        peer = Peer("", endpoint, self.sockets.dial(endpoint, pubkey), source=source, pubkey=pubkey)
+        self._dials[peer.dealer] = peer
         self._send_hello(peer, time.monotonic())
 
-    def _send_hello(self, peer: Peer, now: float) -> None:
-        peer.hello_at = now
-        if peer.dealer is not None:
-            self.sockets.send(peer.dealer.sock, [Kind.HELLO, pack({
-                "v": env.PROTOCOL_VERSION, "id": self.agent_id, "name": self.name,
-                "endpoint": self.advertise, "instance": self.instance,
-            })])
+    def _on_beacon(self, now: float) -> None:
+        """Answer key queries (rate-limited) and dial the agents whose keys came back."""
+        answers = self.beacon.serve(lambda: self._beacon_limiter.try_acquire(1, now))
+        for endpoint, data in answers:
+            waiting = self._key_waits.get(endpoint)
+            if waiting is None:
+                continue
+            try:
+                h = unpack_header(data)
+                agent_id = header_field(h, "id", str)
+                pubkey = header_field(h, "pk", str)
+                if len(pubkey) != 40:
+                    raise RemoteProtocolError("key beacon answered with a malformed key")
+            except RemoteProtocolError:
+                self._count("bad_key_answers")
+                continue
+            if agent_id == self.agent_id:
+                self._key_waits.pop(endpoint, None)
+                continue
+            self.add_peer_endpoint(endpoint, waiting[0], pubkey)
 
-    def _on_peer_frames(self, frames: list[bytes]) -> None:
-        """Frames another agent sent to our ROUTER over its DEALER."""
+    def _ask_keys(self, now: float) -> None:
+        if self.beacon is None:
+            return
+        for endpoint, (source, next_at) in list(self._key_waits.items()):
+            if now >= next_at:
+                self.beacon.ask(endpoint)
+                self._key_waits[endpoint] = (source, now + 0.5)
+
+    def _send_hello(self, peer: Peer, now: float) -> None:
+        """Start (or restart) the handshake on our link to `peer`."""
+        peer.hello_at = now
+        peer.up = False
+        if peer.dealer is None:
+            return
+        peer.hs_out = MembershipHandshake(self.tenants, self.pubkey, peer.pubkey)
+        self.sockets.send(peer.dealer.sock, [Kind.HELLO, pack({
+            "v": env.PROTOCOL_VERSION, "id": self.agent_id, "name": self.name, "pk": self.pubkey,
+            "endpoint": self.advertise, "instance": self.instance, "open": self.open,
+            "member": peer.hs_out.start(),
+        })])
+
+    def _on_peer_frames(self, frames: list[bytes], user: str) -> None:
+        """Frames another agent sent to our ROUTER over its DEALER; `user` is its CURVE key."""
         if len(frames) < 3:
             raise RemoteProtocolError("peer frame too short")
         ident, kind = frames[0], frames[1]
         origin = ident.decode("ascii")
         now = time.monotonic()
         if kind == Kind.HELLO:
-            self._peer_hello(ident, unpack_header(frames[2]), now)
+            self._peer_hello(ident, user, unpack_header(frames[2]), now)
             return
         peer = self.peers.get(origin)
         if peer is None or not peer.inbound_instance:
             self.sockets.send(self.sockets.peers, [ident, Kind.ERROR, pack({"code": "hello", "message": "say HELLO first"})])
             self._count("peer_frames_before_hello")
+            return
+        if user != peer.in_key:
+            # another key speaking under this agent's routing id: never believe what it says
+            self._count("dropped_wrong_key")
+            self.peer_log.warning(f"key-{origin}", "frame for agent %s from a key it did not authenticate with", origin)
+            self.sockets.send(self.sockets.peers, [ident, Kind.ERROR, pack({"code": "hello", "message": "say HELLO again"})])
             return
         if peer.liveness is not None:
             peer.liveness.heard(now)
@@ -765,17 +943,19 @@ class Agent:
                     or type(h[2]) is not int or type(h[3]) is not int or h[2] < 1):
                 raise RemoteProtocolError("DELIVER header must be [tenant, lane, seq, attempt]")
             tenant, lane, seq, attempt = h
-            if tenant != DEFAULT_TENANT:
-                self._count("dropped_wrong_tenant")
+            if tenant not in peer.in_tenants:
+                self._count("dropped_unproven_tenant")
                 return
             items = unpack_items(frames[3])
-            self._count("delivered_in", len(items))
+            self._count("delivered_in", len(items), tenant=tenant)
             self._on_deliver(origin, tenant, lane, seq, attempt, items)
         elif kind == Kind.HEARTBEAT:
             h = unpack_header(frames[2])
             self.sockets.send(self.sockets.peers, [ident, Kind.HEARTBEAT, pack({"instance": self.instance, "t": header_field(h, "t", float, 0.0)})])
         elif kind == Kind.DIR:
-            self._on_dir(origin, unpack_header(frames[2]))
+            self._on_dir(peer, unpack_header(frames[2]))
+        elif kind == Kind.PROOF:
+            self._peer_proof(peer, unpack_header(frames[2]), now)
         elif kind == Kind.BYE:
             peer.inbound_instance = ""
             if peer.liveness is not None:
@@ -783,42 +963,67 @@ class Agent:
         else:
             raise RemoteProtocolError(f"unknown peer frame kind {kind!r}")
 
-    def _peer_hello(self, ident: bytes, h: Any, now: float) -> None:
+    def _peer_hello(self, ident: bytes, user: str, h: Any, now: float) -> None:
+        """An agent dialled us: answer its membership challenge and dial it back."""
         agent_id = header_field(h, "id", str)
-        if agent_id.encode() != ident or agent_id == self.agent_id or len(agent_id) > 64:
+        if agent_id.encode() != ident or agent_id == self.agent_id or not 0 < len(agent_id) <= 64:
             raise RemoteProtocolError("HELLO id does not match the connection's identity")
+        pubkey = header_field(h, "pk", str)
+        if not user or pubkey != user:
+            raise RemoteProtocolError("HELLO key does not match the key the connection authenticated with")
         endpoint = header_field(h, "endpoint", str)
         instance = header_field(h, "instance", str)
+        member = header_field(h, "member", dict)
         peer = self.peers.get(agent_id)
         if peer is None:
-            peer = self._adopt(agent_id, endpoint, "peer")
+            peer = self._adopt(agent_id, endpoint, "peer", pubkey)
         peer.name = header_field(h, "name", str, "")[:128]
         peer.inbound_instance = instance
+        peer.in_key = user
+        peer.hs_in = MembershipHandshake(self.tenants, self.pubkey, user)
+        reply, _ = peer.hs_in.receive(member, now)
+        both_open = self.open and header_field(h, "open", bool, False)
+        peer.in_tenants = frozenset({DEFAULT_TENANT}) if both_open else frozenset()
         if peer.liveness is None:
             peer.liveness = Liveness(now, self.config.dead_after / 2, self.config.dead_after)
         peer.liveness.heard(now)
-        if peer.endpoint != endpoint and peer.dealer is not None:
-            # it came back on another address: re-dial there
+        if (peer.endpoint != endpoint or peer.pubkey != pubkey) and peer.dealer is not None:
+            # it came back on another address or key: re-dial there
             self.sockets.hang_up(peer.dealer)
-            peer.endpoint = endpoint
-            peer.dealer = self.sockets.dial(endpoint)
-            peer.up = False
+            peer.endpoint, peer.pubkey = endpoint, pubkey
+            peer.dealer = self.sockets.dial(endpoint, pubkey)
             self._send_hello(peer, now)
-        marks = [[t, l, st.watermark] for (t, p, l), st in self.inbound.items() if p == agent_id]
         self.sockets.send(self.sockets.peers, [ident, Kind.WELCOME, pack({
             "v": env.PROTOCOL_VERSION, "id": self.agent_id, "name": self.name,
-            "instance": self.instance, "marks": marks,
+            "instance": self.instance, "open": self.open, "member": reply,
         })])
 
-    def _adopt(self, agent_id: str, endpoint: str, source: str) -> Peer:
+    def _peer_proof(self, peer: Peer, h: Any, now: float) -> None:
+        """The dialling agent proved its tenants: accept their traffic, tell it our watermarks."""
+        if peer.hs_in is None or peer.hs_in.done:
+            raise RemoteProtocolError("PROOF without a pending handshake")
+        try:
+            _, proven = peer.hs_in.receive(h, now)
+        except AuthorizationError as e:
+            self._count("membership_failures")
+            self.peer_log.warning(f"member-{peer.agent_id}", "agent %s failed to prove membership: %s", peer.agent_id, e)
+            peer.inbound_instance = ""
+            return
+        peer.in_tenants = peer.in_tenants | (proven or frozenset())
+        marks = [[t, l, st.watermark] for (t, p, l), st in self.inbound.items()
+                 if p == peer.agent_id and t in peer.in_tenants]
+        self.sockets.send(self.sockets.peers, [peer.agent_id.encode(), Kind.MARKS, pack({"marks": marks})])
+
+    def _adopt(self, agent_id: str, endpoint: str, source: str, pubkey: str) -> Peer:
         """Start a link to an agent that introduced itself."""
         dealer = None
         for d, p in list(self._dials.items()):
-            if p.endpoint == endpoint:
+            if p.endpoint == endpoint and p.pubkey == pubkey:
                 dealer = d
                 del self._dials[d]
-        peer = Peer(agent_id, endpoint, dealer or self.sockets.dial(endpoint), source=source)
+        peer = Peer(agent_id, endpoint, dealer or self.sockets.dial(endpoint, pubkey), source=source, pubkey=pubkey)
         self.peers[agent_id] = peer
+        self._key_waits.pop(endpoint, None)
         self._send_hello(peer, time.monotonic())
         return peer
 
@@ -841,21 +1046,23 @@ class Agent:
         if kind == Kind.DACK:
             if type(h) is not list or len(h) != 3 or type(h[2]) is not int:
                 raise RemoteProtocolError("DACK must be [tenant, lane, through]")
-            self._on_ack(StreamKey(h[0], peer.agent_id, h[1]), h[2], now)
+            if h[0] in peer.out_tenants:
+                self._on_ack(StreamKey(h[0], peer.agent_id, h[1]), h[2], now)
         elif kind == Kind.DNACK:
             if type(h) is not list or len(h) != 4 or type(h[2]) is not int or type(h[3]) is not int:
                 raise RemoteProtocolError("DNACK must be [tenant, lane, seq, delay_ms]")
             sender = self.senders.get(StreamKey(h[0], peer.agent_id, h[1]))
-            if sender is not None:
+            if sender is not None and h[0] in peer.out_tenants:
                 sender.on_nack(h[2], h[3] / 1000, now)
+        elif kind == Kind.MARKS:
+            self._linked(peer, header_field(h, "marks", list), now)
         elif kind == Kind.HEARTBEAT:
             instance = header_field(h, "instance", str)
             sent = header_field(h, "t", float, 0.0)
             if sent:
                 peer.rtt = max(0.0, now - sent)
             if peer.up and instance != peer.instance:
-                peer.up = False          # it restarted: introduce ourselves again
-                self._send_hello(peer, now)
+                self._send_hello(peer, now)     # it restarted: introduce ourselves again
         elif kind == Kind.ERROR:
             if header_field(h, "code", str, "") == "hello":
                 peer.up = False
@@ -865,48 +1072,73 @@ class Agent:
             raise RemoteProtocolError(f"unknown link frame kind {kind!r}")
 
     def _welcomed(self, peer: Peer, dealer: Dealer, h: Any, now: float) -> None:
+        """The agent we dialled answered our challenge: check its proofs, send ours."""
         agent_id = header_field(h, "id", str)
         if agent_id == self.agent_id:     # dialled ourselves (e.g. a seed list with our own address)
             self._dials.pop(dealer, None)
             self.sockets.hang_up(dealer)
             return
+        if not 0 < len(agent_id) <= 64 or "\x00" in agent_id:
+            raise RemoteProtocolError("WELCOME carries a malformed agent id")
+        if peer.hs_out is None or peer.hs_out.done:
+            raise RemoteProtocolError("WELCOME without a pending handshake")
+        try:
+            proof, proven = peer.hs_out.receive(header_field(h, "member", dict), now)
+        except AuthorizationError as e:
+            self._count("membership_failures")
+            self.peer_log.warning(f"member-{agent_id}", "agent %s at %s failed to prove membership: %s", agent_id, peer.endpoint, e)
+            return
         if peer.agent_id == "":
             self._dials.pop(dealer, None)
             known = self.peers.get(agent_id)
-            if known is not None and known.dealer is not None and known.dealer is not dealer:
-                self.sockets.hang_up(known.dealer)
             if known is not None:
-                known.dealer, known.endpoint = dealer, peer.endpoint
+                if known.dealer is not None and known.dealer is not dealer:
+                    self.sockets.hang_up(known.dealer)
+                known.dealer, known.endpoint, known.pubkey = dealer, peer.endpoint, peer.pubkey
+                known.hs_out = peer.hs_out
                 peer = known
             else:
                 peer.agent_id = agent_id
                 self.peers[agent_id] = peer
-        marks = header_field(h, "marks", list, [])
+        both_open = self.open and header_field(h, "open", bool, False)
+        peer.out_tenants = frozenset(proven or ()) | ({DEFAULT_TENANT} if both_open else frozenset())
         peer.name = header_field(h, "name", str, "")[:128]
         peer.instance = header_field(h, "instance", str)
+        self.sockets.send(dealer.sock, [Kind.PROOF, pack(proof)])
+
+    def _linked(self, peer: Peer, marks: list, now: float) -> None:
+        """Handshake complete both ways: resend from the receiver's watermarks, share the directory."""
+        if peer.agent_id == "" or peer.hs_out is None or not peer.hs_out.done:
+            raise RemoteProtocolError("MARKS before the handshake completed")
         peer.up = True
         peer.dir_sent = {}
-        self.store.put(b"p\x00" + agent_id.encode(), peer.endpoint.encode())
+        self.store.put(b"p\x00" + peer.agent_id.encode(), pack([peer.endpoint, peer.pubkey]))
         if peer.liveness is None:
             peer.liveness = Liveness(now, self.config.dead_after / 2, self.config.dead_after)
         peer.liveness.heard(now)
-        for mark in marks:
-            if type(mark) is list and len(mark) == 3 and type(mark[2]) is int:
-                self._ack_from_store(StreamKey(mark[0], agent_id, mark[1]), mark[2], now)
+        for mark in marks[:100_000]:
+            if (type(mark) is list and len(mark) == 3 and type(mark[0]) is str and type(mark[1]) is str
+                    and type(mark[2]) is int and mark[0] in peer.out_tenants):
+                self._ack_from_store(StreamKey(mark[0], peer.agent_id, mark[1]), mark[2], now)
         for stream, sender in self.senders.items():
-            if stream.dest == agent_id:
+            if stream.dest == peer.agent_id:
                 sender.rewind(now, 0.0)
+        self._route_cache.clear()
         self._dir_dirty = True
-        log.info("linked to %s (%s) at %s", peer.name, agent_id, peer.endpoint)
+        log.info("linked to %s (%s) at %s", peer.name, peer.agent_id, peer.endpoint)
 
     # ------------------------------------------------------------------ directory (first form)
     def _local_entries(self, tenant: str) -> list:
         return sorted({(s.pattern, s.group or "") for s in self.local_subs.values() if s.tenant == tenant})
 
+    def served_tenants(self) -> set[str]:
+        """The tenants this agent serves."""
+        return set(self.tenants) | ({DEFAULT_TENANT} if self.open else set())
+
     def _announce(self) -> None:
-        """Tell every linked agent our subscriptions (a versioned snapshot per tenant)."""
+        """Tell every linked agent our subscriptions (a versioned snapshot per tenant it proved)."""
         self._dir_dirty = False
-        tenants = {s.tenant for s in self.local_subs.values()} | {DEFAULT_TENANT}
+        tenants = self.served_tenants()
         changed = False
         for tenant in tenants:
             entries = [list(e) for e in self._local_entries(tenant)]
@@ -921,18 +1153,19 @@ class Agent:
         for peer in self.peers.values():
             if not peer.up or peer.dealer is None:
                 continue
-            for tenant in tenants:
+            for tenant in tenants & peer.out_tenants:
                 version, entries = self._remote_dir[tenant][self.agent_id]
                 if peer.dir_sent.get(tenant) != version:
                     if self.sockets.send(peer.dealer.sock, [Kind.DIR, pack({"tenant": tenant, "version": version, "subs": entries})]):
                         peer.dir_sent[tenant] = version
 
-    def _on_dir(self, origin: str, h: Any) -> None:
+    def _on_dir(self, peer: Peer, h: Any) -> None:
+        origin = peer.agent_id
         tenant = header_field(h, "tenant", str)
         version = header_field(h, "version", int)
         subs = header_field(h, "subs", list)
-        if tenant != DEFAULT_TENANT:
-            self._count("dropped_wrong_tenant")
+        if tenant not in peer.in_tenants:
+            self._count("dropped_unproven_tenant")
             return
         entries = []
         for e in subs[:10_000]:
@@ -960,6 +1193,7 @@ class Agent:
 
     # ------------------------------------------------------------------ timers
     def _timers(self, now: float) -> None:
+        self._ask_keys(now)
         hb_due = now - getattr(self, "_last_hb", 0.0) >= self.config.heartbeat_interval
         if hb_due:
             self._last_hb = now
@@ -992,12 +1226,14 @@ class Agent:
     def outbox_depth(self) -> int:
         return sum(max(0, s.pending_msgs) for s in self.senders.values())
 
-    def status(self) -> dict:
-        """A snapshot of the agent for `meshq status`."""
+    def status(self, tenant: str | None = None) -> dict:
+        """A snapshot of the agent for `meshq status`, as a client of `tenant` may see it."""
         now = time.monotonic()
+        tenant = DEFAULT_TENANT if tenant is None else tenant
+        box = self._tenant_outbox.get(tenant, (0, 0))
         return {
             "name": self.name, "id": self.agent_id, "instance": self.instance,
-            "version": env.PROTOCOL_VERSION,
+            "version": env.PROTOCOL_VERSION, "pubkey": self.pubkey,
             "endpoints": {"peer": self.sockets.peer_endpoint, "advertise": self.advertise,
                           "client": self.sockets.client_endpoint},
             "durability": self.store.durability,
@@ -1006,13 +1242,15 @@ class Agent:
                 "state": ("alive" if p.up else "connecting") if p.liveness is None or not p.up else p.liveness.state(now),
                 "last_heard": None if p.liveness is None else round(now - p.liveness.last_heard, 3),
                 "rtt_ms": None if p.rtt is None else round(p.rtt * 1000, 3),
-                "subscriptions": sum(len(v.get(p.agent_id, (0, []))[1]) for v in self._remote_dir.values()),
+                "subscriptions": len(self._remote_dir.get(tenant, {}).get(p.agent_id, (0, []))[1]),
+                "serves_tenant": tenant in p.out_tenants,
             } for p in sorted(self.peers.values(), key=lambda p: p.agent_id)],
-            "outbox": {"messages": self.outbox_depth(),
-                       "streams": sum(1 for s in self.senders.values() if s.pending_msgs > 0)},
-            "clients": len(self.clients),
-            "subscriptions": len(self.local_subs),
-            "counters": dict(sorted(self.counters.items())),
+            "tenant": tenant,
+            "outbox": {"messages": max(0, box[0]), "bytes": max(0, box[1]),
+                       "streams": sum(1 for k, s in self.senders.items() if s.pending_msgs > 0 and k.tenant == tenant)},
+            "clients": sum(1 for c in self.clients.values() if c.tenant == tenant),
+            "subscriptions": sum(1 for s in self.local_subs.values() if s.tenant == tenant),
+            "counters": dict(sorted({**self.counters, **self.tenant_counters.get(tenant, {})}.items())),
         }
 
     def _shutdown(self) -> None:
@@ -1037,9 +1275,42 @@ class Agent:
             self.store.commit()
         finally:
             self.sockets.close()
+            if self.beacon is not None:
+                self.beacon.close()
             self.store.close()
             os.close(self._stop_r)
             os.close(self._stop_w)
+
+
+def _refuse(rejects: list, index: int, code: str, text: str, retry_after: float | None = None) -> None:
+    """Record that item `index` of a batch was refused; runs of the same refusal share one entry."""
+    if rejects:
+        last = rejects[-1]
+        if last[1] == index - 1 and last[2] == code and last[3] == text:
+            last[1] = index
+            return
+    rejects.append([index, index, code, text, retry_after])
+
+
+def _load_or_create_key(path: str) -> str:
+    """This agent's CURVE secret key (Z85), created on first start in a 0600 file."""
+    try:
+        with open(path, encoding="ascii") as f:
+            secret = f.read().strip()
+        if len(secret) != 40:
+            raise MeshqError(f"{path} does not hold a CURVE secret key; move it away to make a new one")
+        if os.stat(path).st_mode & 0o077:
+            raise MeshqError(f"{path} is readable by others; run: chmod 600 {path}")
+        return secret
+    except FileNotFoundError:
+        pass
+    _public, secret = curve_keypair()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(secret + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return secret
 
 
 def _advertised(endpoint: str) -> str:

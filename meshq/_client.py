@@ -20,8 +20,9 @@ from typing import Any, AsyncIterator, Mapping
 
 from . import _envelope as env
 from ._envelope import Kind, make_item, pack, unpack_header, unpack_items
+from ._auth import load_token_file
 from ._errors import (
-    BadSubjectError, ConnectionClosedError, ConnectionLostError, LocalProtocolError, MeshqError,
+    AuthorizationError, BadSubjectError, ConnectionClosedError, MeshqError, NoRespondersError, QuotaExceeded,
     RemoteProtocolError, TimeoutError,
 )
 from ._ids import IdGenerator
@@ -85,19 +86,21 @@ class _PubAck:
     def __await__(self):
         rejects = yield from asyncio.shield(self._batch.future).__await__()
         if rejects:
-            for index, code, text in rejects:
-                if index == self._index or index == -1:
-                    raise _reject_error(code, text)
+            for first, last, *why in rejects:     # [first, last, code, text, retry_after]
+                if first <= self._index <= last:
+                    raise _reject_error(*why)
         return self.msg_id
 
     def done(self) -> bool:
         return self._batch.future.done()
 
 
-def _reject_error(code: str, text: str) -> MeshqError:
-    from ._errors import AuthorizationError, QuotaExceeded
-    return {"bad-subject": BadSubjectError, "forbidden": AuthorizationError,
-            "quota": QuotaExceeded}.get(code, MeshqError)(text)
+def _reject_error(code: str, text: str, retry_after: float | None = None) -> MeshqError:
+    """The typed error for an agent's refusal code."""
+    if code == "quota":
+        return QuotaExceeded(text, retry_after)
+    return {"bad-subject": BadSubjectError, "forbidden": AuthorizationError, "auth": AuthorizationError,
+            "no-responders": NoRespondersError}.get(code, MeshqError)(text)
 
 
 class _Batch:
@@ -196,9 +199,10 @@ class Subscription:
 class Client:
     """A connection to the local agent (see `connect`)."""
 
-    def __init__(self, endpoint: str, name: str = "", max_pending: int = 100_000) -> None:
+    def __init__(self, endpoint: str, name: str = "", max_pending: int = 100_000, token: str | None = None) -> None:
         self.endpoint = endpoint
         self.name = name
+        self._token = token
         self._loop = asyncio.get_running_loop()
         self._session = os.urandom(8)
         self._channel = ClientChannel(endpoint, self._session)
@@ -234,12 +238,18 @@ class Client:
     # -------------------------------------------------------------- lifecycle
     async def _handshake(self, timeout: float) -> None:
         self._welcome = self._loop.create_future()
-        self._channel.send([Kind.HELLO, pack({"v": env.PROTOCOL_VERSION, "name": self.name})])
+        self._channel.send([Kind.HELLO, self._hello()])
         try:
             await asyncio.wait_for(asyncio.shield(self._welcome), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"no meshq agent answered at {self.endpoint} within {timeout} s "
                                "(is `meshq agent` running? set --agent or MESHQ_AGENT)") from None
+
+    def _hello(self) -> bytes:
+        hello = {"v": env.PROTOCOL_VERSION, "name": self.name}
+        if self._token is not None:
+            hello["token"] = self._token
+        return pack(hello)
 
     async def close(self) -> None:
         """Flush pending acks, say goodbye and release the socket; idempotent."""
@@ -497,7 +507,7 @@ class Client:
             sub = self._subs.get(h.get("sid")) if type(h) is dict else None
             if sub is not None and not sub._confirmed.done():
                 if h.get("error"):
-                    sub._confirmed.set_exception(BadSubjectError(h["error"]))
+                    sub._confirmed.set_exception(_reject_error(str(h.get("code", "bad-subject")), str(h["error"])))
                     self._subs.pop(sub.sid, None)
                 else:
                     sub._confirmed.set_result(None)
@@ -507,8 +517,11 @@ class Client:
             if type(h) is dict and h.get("instance") != self._agent_instance and self._agent_instance:
                 self._rehello()
         elif kind == Kind.ERROR:
-            if type(h) is dict and h.get("code") == "hello":
+            code = h.get("code") if type(h) is dict else None
+            if code == "hello":
                 self._rehello()
+            elif code == "auth" and self._welcome is not None and not self._welcome.done():
+                self._welcome.set_exception(AuthorizationError(str(h.get("message", "refused by the agent"))))
         elif kind == Kind.STATUSOK:
             while self._status_waiters:
                 fut = self._status_waiters.popleft()
@@ -536,7 +549,7 @@ class Client:
             return
         self._hello_at = now
         self._acks = []
-        self._channel.send([Kind.HELLO, pack({"v": env.PROTOCOL_VERSION, "name": self.name})])
+        self._channel.send([Kind.HELLO, self._hello()])
 
     def _resume(self) -> None:
         """After a new WELCOME: resubscribe and resend unconfirmed publishes, in order."""
@@ -559,10 +572,12 @@ class Client:
                 self._last_heard = time.monotonic()
 
 
-async def connect(agent: str | None = None, *, name: str = "", timeout: float = 5.0,
+async def connect(agent: str | None = None, *, creds: str | None = None, name: str = "", timeout: float = 5.0,
                   max_pending: int = 100_000) -> Client:
-    """Connect to the local agent (`agent`: endpoint or data dir; default $MESHQ_AGENT)."""
-    client = Client(resolve_agent(agent), name=name, max_pending=max_pending)
+    """Connect to the local agent (`agent`: endpoint or data dir, default $MESHQ_AGENT; `creds`: a token file, default $MESHQ_CREDS)."""
+    creds = creds or os.environ.get("MESHQ_CREDS") or None
+    token = load_token_file(creds).token if creds else None
+    client = Client(resolve_agent(agent), name=name, max_pending=max_pending, token=token)
     try:
         await client._handshake(timeout)
     except BaseException:

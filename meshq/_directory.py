@@ -17,14 +17,16 @@ Wire format (plain lists, msgpack-able)
 A message (`put_local`/`remove_local` delta, `delta_since`, `snapshot`) is a list of *segments*;
 lists of segments may be concatenated freely::
 
-    segment = [origin: str, from: int, to: int, items: list, epoch: int]
+    segment = [origin: str, from: int, to: int, items: list, floor: int]
     item    = [key: str, version: int, kind: str, body: list]   # live entry
             | [key: str, version: int]                            # tombstone
 
 A segment says: "`items` are all my items of `origin` with version > `from`, and I am complete
-for `origin` up to `to`". `from == 0` is a full listing of the origin. `epoch` is the origin's
-last reset point (see below; 0 if it never reset): a replica complete below it must resync with
-a full listing, so it forgets its completeness on learning a higher epoch. Bodies by kind::
+for `origin` up to `to`". `from == 0` is a full listing of the origin. `floor` says "a replica
+complete only below this version may miss something no delta can carry any more" (a tombstone
+purged after its ttl, or an origin reset, see below). Floors are replicated (max wins); a replica
+answers a peer complete below its floor with a full listing, and a replica learning a floor above
+its own completeness forgets that completeness so that it gets one. Bodies by kind::
 
     "sub"   [pattern, queue|None, durable|None, filter|None]
     "svc"   [name]
@@ -36,11 +38,12 @@ nothing of it is applied (all-or-nothing).
 Own entries
 -----------
 Nothing received can change this agent's own entries. An agent that starts without saved state
-should pass `epoch` (e.g. wall-clock microseconds) so its new versions exceed its old ones. Seeing a version of our own origin above
-our counter, or an own entry we never wrote, means we lost state (restart without persistence):
-the directory then *resets* its origin — the counter jumps past everything seen to a new epoch,
-every own live entry is re-stamped, and every replica (origin or relay) answers a peer that is
-complete only below the epoch with a full listing, which drops the stale entries.
+should pass `epoch` (e.g. wall-clock microseconds) so its new versions exceed its old ones.
+Seeing a version of our own origin above our counter, or an own entry we never wrote, means we
+lost state (restart without persistence, or with no epoch):
+the directory then *resets* its origin — the counter jumps past everything seen, the origin's
+floor is raised to the jump, every own live entry is re-stamped, and full listings then drop the
+stale entries everywhere.
 """
 
 from __future__ import annotations
@@ -231,8 +234,7 @@ class Directory:
         self._state: dict[str, dict[str, _Slot]] = {}
         self._by_version: dict[str, dict[int, set[str]]] = {}
         self._complete: dict[str, int] = {}
-        self._floor: dict[str, int] = {}           # highest purged tombstone version per origin (local)
-        self._epoch: dict[str, int] = {}           # last reset point per origin (replicated)
+        self._floor: dict[str, int] = {}           # per origin: complete below this needs a full listing
         self._forgotten: dict[str, tuple[int, float]] = {}  # origin -> (ignore versions <= this, since)
         self._tomb_heap: list[tuple[float, str, str, int]] = []
         self._subs: SubjectIndex = SubjectIndex()
@@ -242,7 +244,7 @@ class Directory:
         self.resets = 0
         if epoch:
             self._complete[self_id] = epoch
-            self._epoch[self_id] = epoch
+            self._floor[self_id] = epoch
 
     # ----------------------------------------------------------------------------- local writes
 
@@ -259,7 +261,7 @@ class Directory:
         v = self._bump()
         entry = Entry(self.self_id, key, v, value)
         self._set(self.self_id, key, entry, None)
-        return [[self.self_id, v - 1, v, [_item(key, entry)], self._epoch.get(self.self_id, 0)]]
+        return [[self.self_id, v - 1, v, [_item(key, entry)], self._floor.get(self.self_id, 0)]]
 
     def remove_local(self, key: str, now: float) -> Delta | None:
         """Tombstone this agent's entry `key`; returns the delta to send, or None if there was no such entry."""
@@ -268,7 +270,7 @@ class Directory:
         v = self._bump()
         tomb = _Tomb(v, now)
         self._set(self.self_id, key, tomb, None)
-        return [[self.self_id, v - 1, v, [_item(key, tomb)], self._epoch.get(self.self_id, 0)]]
+        return [[self.self_id, v - 1, v, [_item(key, tomb)], self._floor.get(self.self_id, 0)]]
 
     def _bump(self) -> int:
         v = self.counter + 1
@@ -337,13 +339,13 @@ class Directory:
             if origin in self._forgotten:
                 continue
             frm = versions.get(origin, 0)
-            if frm < self._floor.get(origin, 0) or frm < self._epoch.get(origin, 0):
+            if frm < self._floor.get(origin, 0):
                 frm = 0  # the peer may need a purged tombstone, or predates a reset: full listing
             to = self._complete.get(origin, 0)
             slots = self._state.get(origin, {})
             items = [_item(k, e) for k, e in sorted(slots.items()) if e.version > frm]
             if items or to > frm:
-                out.append([origin, frm, to, items, self._epoch.get(origin, 0)])
+                out.append([origin, frm, to, items, self._floor.get(origin, 0)])
         return out
 
     def _check_versions(self, versions: object) -> dict[str, int]:
@@ -360,11 +362,11 @@ class Directory:
         """Merge segments from a peer (snapshot or deltas; idempotent, order-independent); returns remote live-entry changes."""
         segments = self._decode(items)
         changes: list[Change] = []
-        for origin, frm, to, decoded, epoch in segments:
+        for origin, frm, to, decoded, floor in segments:
             if origin == self.self_id:
-                self._apply_own(frm, to, decoded, epoch)
+                self._apply_own(frm, to, decoded, floor)
             else:
-                self._apply_segment(origin, frm, to, decoded, epoch, now, changes)
+                self._apply_segment(origin, frm, to, decoded, floor, now, changes)
         return changes
 
     def _decode(self, items: object) -> list:
@@ -376,12 +378,12 @@ class Directory:
         out = []
         for seg in items:
             if not isinstance(seg, (list, tuple)) or len(seg) != 5:
-                raise RemoteProtocolError("directory segment must be [origin, from, to, items, epoch]")
-            origin, frm, to, raw, epoch = seg
+                raise RemoteProtocolError("directory segment must be [origin, from, to, items, floor]")
+            origin, frm, to, raw, floor = seg
             if not isinstance(origin, str) or not 0 < len(origin) <= MAX_ORIGIN:
                 raise RemoteProtocolError("directory segment origin must be a non-empty short string")
-            if not _is_int(frm, 0) or not _is_int(to, 0) or not _is_int(epoch, 0):
-                raise RemoteProtocolError("directory segment from/to/epoch must be non-negative ints")
+            if not _is_int(frm, 0) or not _is_int(to, 0) or not _is_int(floor, 0):
+                raise RemoteProtocolError("directory segment from/to/floor must be non-negative ints")
             if not isinstance(raw, (list, tuple)):
                 raise RemoteProtocolError("directory segment items must be a list")
             total += len(raw)
@@ -398,20 +400,20 @@ class Directory:
                     raise RemoteProtocolError("directory item version must be a positive int")
                 value = _decode_value(it[2], it[3]) if len(it) == 4 else None
                 decoded.append((key, version, value))
-            out.append((origin, frm, to, decoded, epoch))
+            out.append((origin, frm, to, decoded, floor))
         return out
 
-    def _apply_segment(self, origin: str, frm: int, to: int, decoded: list, epoch: int, now: float,
+    def _apply_segment(self, origin: str, frm: int, to: int, decoded: list, floor: int, now: float,
                        changes: list[Change]) -> None:
         forgotten = self._forgotten.get(origin)
         if forgotten is not None:
-            if max([to, epoch] + [v for _, v, _ in decoded]) <= forgotten[0]:
+            if max([to, floor] + [v for _, v, _ in decoded]) <= forgotten[0]:
                 return
             del self._forgotten[origin]   # the origin wrote after we forgot it: it is back
-        if epoch > self._epoch.get(origin, 0):
-            self._epoch[origin] = epoch
-            if self._complete.get(origin, 0) < epoch:
-                self._complete.pop(origin, None)   # complete only in a past era: need a full listing
+        if floor > self._floor.get(origin, 0):
+            self._floor[origin] = floor
+            if self._complete.get(origin, 0) < floor:
+                self._complete.pop(origin, None)   # we may miss a purged removal or predate a reset
         complete = self._complete.get(origin, 0)
         slots = self._state.get(origin, {})
         listed = set()
@@ -445,12 +447,14 @@ class Directory:
             if key not in listed and isinstance(e, Entry) and frm < e.version <= to:
                 self._set(origin, key, None, changes)
 
-    def _apply_own(self, frm: int, to: int, decoded: list, epoch: int) -> None:
+    def _apply_own(self, frm: int, to: int, decoded: list, floor: int) -> None:
         mine = self._state.get(self.self_id, {})
-        seen = max([frm, to, epoch] + [v for _, v, _ in decoded])
+        seen = max([frm, to, floor] + [v for _, v, _ in decoded])
         if seen > self.counter:
             self._reset(seen)
             return
+        if floor > self._floor.get(self.self_id, 0):
+            self._floor[self.self_id] = floor
         for key, version, value in decoded:
             cur = mine.get(key)
             if cur is None:
@@ -469,7 +473,7 @@ class Directory:
         me = self.self_id
         r = max(self.counter, seen) + 1
         self._complete[me] = r
-        self._epoch[me] = r
+        self._floor[me] = r
         live = sorted((k, e) for k, e in self._state.get(me, {}).items() if isinstance(e, Entry))
         for key in list(self._state.get(me, {})):
             self._set(me, key, None, None)
@@ -570,7 +574,6 @@ class Directory:
             "ttl": self.tombstone_ttl,
             "complete": self._complete,
             "floor": self._floor,
-            "epoch": self._epoch,
             "forgotten": {o: v for o, (v, _) in self._forgotten.items()},
             "entries": entries,
         })
@@ -599,11 +602,10 @@ class Directory:
                 if not isinstance(origin, str) or not _is_int(v, 0):
                     raise CorruptStateError("bad version in directory state")
                 d._complete[origin] = v
-            for name, table in (("floor", d._floor), ("epoch", d._epoch)):
-                for origin, v in st[name].items():
-                    if not isinstance(origin, str) or not _is_int(v, 0):
-                        raise CorruptStateError(f"bad {name} in directory state")
-                    table[origin] = v
+            for origin, v in st["floor"].items():
+                if not isinstance(origin, str) or not _is_int(v, 0):
+                    raise CorruptStateError("bad floor in directory state")
+                d._floor[origin] = v
         except CorruptStateError:
             raise
         except (MeshqError, KeyError, TypeError, ValueError, AttributeError, IndexError,

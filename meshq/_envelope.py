@@ -64,6 +64,8 @@ class Kind:
     STATUSOK = b"t"
     # agent <-> agent
     DIR = b"D"
+    PROOF = b"R"
+    MARKS = b"K"
     DELIVER = b"X"
     DACK = b"a"
     DNACK = b"n"

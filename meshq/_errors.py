@@ -42,7 +42,11 @@ class AuthorizationError(MeshqError):
 
 
 class QuotaExceeded(MeshqError):
-    """A tenant quota (size, outbox depth or rate) would be exceeded."""
+    """A tenant quota (size, outbox depth or rate) would be exceeded; `retry_after` hints when to retry."""
+
+    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class NoRespondersError(MeshqError):

@@ -96,8 +96,9 @@ class StreamSender:
         self.cache_bytes = cache_bytes
         self.backoff = Backoff(rng=rng)
         self.hold_until = 0.0
-        self._inflight: deque[list] = deque()   # [seq, count, sent_at]
+        self._inflight: deque[list] = deque()   # [seq, count, sent_at, size]
         self._inflight_msgs = 0
+        self._limbo: dict[int, tuple[int, int]] = {}   # seq -> (count, size): sent, rewound, not resent yet
         self._cache: dict[int, tuple[int, bytes]] = {}  # seq -> (count, payload), recent records
         self._cached_bytes = 0
         self.pending_msgs = 0   # messages stored and not yet acknowledged (for depth gauges)
@@ -140,8 +141,9 @@ class StreamSender:
                 if seq + count - 1 < self.send_pos:
                     continue
                 attempt = 2 if seq <= self.max_sent else 1
+                self._limbo.pop(seq, None)
                 out.append(Record(seq, count, payload, attempt))
-                self._inflight.append([seq, count, now])
+                self._inflight.append([seq, count, now, len(payload)])
                 self._inflight_msgs += count
                 self.send_pos = seq + count
                 self.max_sent = max(self.max_sent, seq + count - 1)
@@ -154,27 +156,33 @@ class StreamSender:
                 self.send_pos = self.next_seq
         return out
 
-    def on_ack(self, through: int, now: float) -> list[tuple[int, int]]:
-        """Handle a cumulative ack; returns the (seq, count) records that may now be deleted."""
-        done: list[tuple[int, int]] = []
-        if through <= self.acked_through:
-            return done
+    def on_ack(self, through: int, now: float) -> list[tuple[int, int, int]]:
+        """Handle a cumulative ack; returns the (seq, count, size) records that may now be deleted."""
         through = min(through, self.next_seq - 1)
-        self.pending_msgs -= through - self.acked_through
-        self.acked_through = through
-        if self.send_pos <= through:
-            self.send_pos = through + 1
+        if through > self.acked_through:
+            self.pending_msgs -= through - self.acked_through
+            self.acked_through = through
+            if self.send_pos <= through:
+                self.send_pos = through + 1
+            self.backoff.reset()
+        done: list[tuple[int, int, int]] = []
         while self._inflight and self._inflight[0][0] + self._inflight[0][1] - 1 <= through:
-            seq, count, _ = self._inflight.popleft()
+            seq, count, _, size = self._inflight.popleft()
             self._inflight_msgs -= count
-            done.append((seq, count))
-        for seq in [s for s in self._cache if s + self._cache[s][0] - 1 <= through]:
-            self._cached_bytes -= len(self._cache.pop(seq)[1])
-        self.backoff.reset()
+            done.append((seq, count, size))
+        if self._limbo:
+            for seq in [s for s, (c, _) in self._limbo.items() if s + c - 1 <= through]:
+                count, size = self._limbo.pop(seq)
+                done.append((seq, count, size))
+        if self._cache:
+            for seq in [s for s in self._cache if s + self._cache[s][0] - 1 <= through]:
+                self._cached_bytes -= len(self._cache.pop(seq)[1])
         return done
 
     def rewind(self, now: float, delay: float | None = None) -> None:
         """Resend from the oldest unacknowledged sequence after `delay` (default: backoff)."""
+        for seq, count, _, size in self._inflight:
+            self._limbo[seq] = (count, size)
         self._inflight.clear()
         self._inflight_msgs = 0
         self.send_pos = self.acked_through + 1

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Iterable
 
 import zmq
 import zmq.asyncio
+from zmq.auth.thread import ThreadAuthenticator
 
 HWM = 2000                       # multipart messages queued per peer before sends fail fast
 MAX_MSG_BYTES = 256 * 1024 * 1024  # libzmq drops the connection past this; decoders bound tighter
@@ -33,9 +35,24 @@ def _common(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MSG_BYTES)
 
 
-def _router(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, str]:
+def curve_keypair() -> tuple[str, str]:
+    """A new CURVE key pair as Z85 text: (public, secret)."""
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
+
+
+def curve_public(secret: str) -> str:
+    """The Z85 public key of a Z85 secret key."""
+    return zmq.curve_public(secret.encode("ascii")).decode("ascii")
+
+
+def _router(ctx: zmq.Context, endpoint: str, curve_secret: str | None = None) -> tuple[zmq.Socket, str]:
     sock = ctx.socket(zmq.ROUTER)
     _common(sock)
+    if curve_secret is not None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve_secret.encode("ascii"))
+        sock.setsockopt(zmq.ZAP_DOMAIN, b"meshq")
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_IVL_MS)
@@ -59,17 +76,31 @@ class Dealer:
 
 
 class AgentSockets:
-    """The agent's sockets and the poller over them."""
+    """The agent's sockets and the poller over them.
 
-    def __init__(self, identity: bytes, peer_endpoint: str, client_endpoint: str) -> None:
+    The peer ROUTER is a CURVE server: only clients speaking CURVE get through, and every
+    message carries the sender's public key as its ZAP User-Id (see `drain_peers`), so the
+    agent knows who sent a frame from the transport, not from what the frame claims.  The
+    ZAP handler admits any CURVE key; which tenants a key may speak for is decided above,
+    by the membership handshake.
+    """
+
+    def __init__(self, identity: bytes, peer_endpoint: str, client_endpoint: str,
+                 curve_secret: str) -> None:
         self.identity = identity
+        self.curve_secret = curve_secret
+        self.curve_public = curve_public(curve_secret)
         self.ctx = zmq.Context()
         self._poller = zmq.Poller()
         self._closed = False
+        self._auth = ThreadAuthenticator(self.ctx)
         try:
-            self.peers, self.peer_endpoint = _router(self.ctx, peer_endpoint)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+            self.peers, self.peer_endpoint = _router(self.ctx, peer_endpoint, curve_secret)
             self.clients, self.client_endpoint = _router(self.ctx, client_endpoint)
         except Exception:
+            self._auth.stop()
             self.ctx.destroy(0)
             raise
         self._poller.register(self.peers, zmq.POLLIN)
@@ -77,10 +108,13 @@ class AgentSockets:
         self.dealers: set[Dealer] = set()
         self._by_sock: dict[zmq.Socket, Dealer] = {}
 
-    def dial(self, endpoint: str) -> Dealer:
-        """Open a DEALER to a remote agent's peer endpoint (connects in the background)."""
+    def dial(self, endpoint: str, server_key: str) -> Dealer:
+        """Open a CURVE DEALER to a remote agent's peer endpoint (connects in the background)."""
         sock = self.ctx.socket(zmq.DEALER)
         _common(sock)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode("ascii"))
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve_public.encode("ascii"))
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve_secret.encode("ascii"))
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
@@ -131,6 +165,19 @@ class AgentSockets:
             pass
         return out
 
+    def drain_peers(self, limit: int = 256) -> list[tuple[str, list[bytes]]]:
+        """Receive waiting peer messages with the CURVE public key (Z85) that sent each."""
+        out = []
+        sock = self.peers
+        try:
+            for _ in range(limit):
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                user = frames[-1].get("User-Id") if len(frames) > 1 else ""
+                out.append((user or "", [f.bytes for f in frames]))
+        except zmq.Again:
+            pass
+        return out
+
     @staticmethod
     def send(sock: zmq.Socket, frames: Iterable[bytes]) -> bool:
         """Send without blocking; False when the peer is unknown, gone or full (the outbox resends)."""
@@ -149,6 +196,7 @@ class AgentSockets:
             self.hang_up(dealer)
         self.peers.close(0)
         self.clients.close(0)
+        self._auth.stop()
         self.ctx.term()
 
 
@@ -186,3 +234,74 @@ class ClientChannel:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
+
+
+KEY_QUERY = b"MESHQ-KEY?1".ljust(160, b"\0")  # padded: an answer is never larger than the query
+MAX_KEY_ANSWER = 160
+
+
+def _host_port(endpoint: str) -> tuple[str, int]:
+    hostport = endpoint.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class KeyBeacon:
+    """Answers "what is your CURVE public key?" over UDP on the peer port, and asks others.
+
+    A peer given only as tcp://HOST:PORT (no key) is dialled after asking its beacon.  The
+    answer is not authenticated (trust on first use); tenant membership proofs, which bind
+    both CURVE keys of the link, are what defeats a man in the middle.
+    """
+
+    def __init__(self, endpoint: str, answer: bytes) -> None:
+        if len(answer) > MAX_KEY_ANSWER:
+            raise ValueError("key beacon answer too large")
+        host, port = _host_port(endpoint)
+        self.answer = answer
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        try:
+            self.sock.bind(("0.0.0.0" if host in ("*", "") else host, port))
+        except OSError:
+            self.sock.close()
+            raise
+        self._asked: dict[tuple[str, int], str] = {}
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def ask(self, endpoint: str) -> None:
+        """Send a key query to the agent listening at `endpoint` (answers come via `serve`)."""
+        try:
+            host, port = _host_port(endpoint)
+            ip = socket.gethostbyname(host)
+            self._asked[(ip, port)] = endpoint
+            self.sock.sendto(KEY_QUERY, (ip, port))
+        except (OSError, ValueError):
+            pass
+
+    def serve(self, may_answer) -> list[tuple[str, bytes]]:
+        """Answer waiting queries (when `may_answer()`); return (endpoint, answer) pairs received."""
+        answers = []
+        for _ in range(64):
+            try:
+                data, addr = self.sock.recvfrom(512)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if data == KEY_QUERY:
+                if may_answer():
+                    try:
+                        self.sock.sendto(self.answer, addr)
+                    except OSError:
+                        pass
+            elif len(data) <= MAX_KEY_ANSWER:
+                endpoint = self._asked.pop(addr[:2], None)
+                if endpoint is not None:
+                    answers.append((endpoint, data))
+        return answers
+
+    def close(self) -> None:
+        self.sock.close()

@@ -23,10 +23,19 @@ from ._errors import MeshqError, TimeoutError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-agent_option = click.option(
+_agent_flag = click.option(
     "--agent", envvar="MESHQ_AGENT", default=None, metavar="ENDPOINT",
     help="The local agent: an endpoint (ipc://…, tcp://…) or its data dir [env: MESHQ_AGENT].",
 )
+_creds_flag = click.option(
+    "--creds", envvar="MESHQ_CREDS", default=None, metavar="FILE", type=click.Path(dir_okay=False),
+    help="Client credentials file from `meshq tenant token` [env: MESHQ_CREDS].",
+)
+
+
+def agent_option(fn):
+    """The connection flags every client command takes: --agent and --creds."""
+    return _agent_flag(_creds_flag(fn))
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -66,16 +75,27 @@ def main() -> None:
 @click.option("--advertise", default=None, metavar="tcp://IP:PORT", help="The endpoint other agents should dial.")
 @click.option("--durability", type=click.Choice(["fsync", "none"]), default="fsync", show_default=True,
               help="fsync: a publish returns after its group commit is on disk.")
+@click.option("--tenant-file", "tenant_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Serve this tenant (a file from `meshq tenant create`; repeatable).")
+@click.option("--open/--no-open", "open_tenant", default=None,
+              help="Serve the credential-less 'default' tenant (default: only when no --tenant-file).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A TOML file with any of these options (flags given here win).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def agent(data_dir, listen, peers, name, client_endpoint, advertise, durability, log_level) -> None:
+@click.pass_context
+def agent(ctx, data_dir, listen, peers, name, client_endpoint, advertise, durability, tenant_files, open_tenant,
+          config_file, log_level) -> None:
     """Run an agent in the foreground (logs to stderr; SIGTERM/SIGINT stop it cleanly)."""
     from ._agent import Agent, AgentConfig
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = AgentConfig(data_dir=data_dir, listen=listen, peers=list(peers), name=name,
-                         client_endpoint=client_endpoint, advertise=advertise, durability=durability)
+    options = dict(data_dir=data_dir, listen=listen, peers=list(peers), name=name, client_endpoint=client_endpoint,
+                   advertise=advertise, durability=durability, tenant_files=list(tenant_files), open_tenant=open_tenant)
+    if config_file:
+        options = _merge_config(ctx, config_file, options)
+    config = AgentConfig(**options)
     try:
         node = Agent(config)
     except (MeshqError, OSError) as e:
@@ -88,6 +108,29 @@ def agent(data_dir, listen, peers, name, client_endpoint, advertise, durability,
         sys.stdout.flush()
 
     node.run(on_ready=ready)
+
+
+def _merge_config(ctx: click.Context, path: str, options: dict) -> dict:
+    """Options from a TOML config file, overridden by flags given on the command line."""
+    import tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise click.BadParameter(f"cannot read {path}: {e}", param_hint="--config")
+    names = {k.replace("-", "_"): v for k, v in data.get("agent", data).items()}
+    if "peer" in names:
+        names["peers"] = names.pop("peer")
+    if "tenant_file" in names:
+        names["tenant_files"] = names.pop("tenant_file")
+    unknown = set(names) - set(options)
+    if unknown:
+        raise click.BadParameter(f"unknown option(s) in {path}: {', '.join(sorted(unknown))}", param_hint="--config")
+    merged = dict(options)
+    for key, value in names.items():
+        if ctx.get_parameter_source(key) in (None, click.core.ParameterSource.DEFAULT):
+            merged[key] = value
+    return merged
 
 
 # ---------------------------------------------------------------- pub
@@ -110,7 +153,7 @@ def _parse_headers(pairs) -> dict | None:
 @click.option("--ttl", type=float, default=None, help="Expire the message(s) after this many seconds.")
 @agent_option
 @client_command
-async def pub(subject, body, headers, count, ttl, agent) -> None:
+async def pub(subject, body, headers, count, ttl, agent, creds) -> None:
     """Publish BODY (or stdin) to SUBJECT; exits 0 once the local agent has it durably."""
     hdrs = _parse_headers(headers)
     if body is None:
@@ -119,7 +162,7 @@ async def pub(subject, body, headers, count, ttl, agent) -> None:
     else:
         template = body
         data = body.encode()
-    async with await connect(agent, name="meshq-pub") as mq:
+    async with await connect(agent, creds=creds, name="meshq-pub") as mq:
         start = time.perf_counter()
         templated = template is not None and "{i}" in template
         for i in range(1, count + 1):
@@ -152,12 +195,12 @@ def message_json(msg) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @agent_option
 @client_command
-async def sub(subject, group, count, timeout, as_json, agent) -> None:
+async def sub(subject, group, count, timeout, as_json, agent, creds) -> None:
     """Subscribe to SUBJECT (wildcards * and >) and print messages; each is acked after printing."""
     deadline = None if timeout is None else time.monotonic() + timeout
     received = 0
     out = sys.stdout
-    async with await connect(agent, name="meshq-sub") as mq:
+    async with await connect(agent, creds=creds, name="meshq-sub") as mq:
         subscription = await mq.subscribe(subject, group=group, manual_ack=True)
         while count is None or received < count:
             left = None if deadline is None else deadline - time.monotonic()
@@ -186,9 +229,9 @@ async def sub(subject, group, count, timeout, as_json, agent) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @agent_option
 @client_command
-async def status(as_json, agent) -> None:
+async def status(as_json, agent, creds) -> None:
     """Show the local agent: name, endpoints, peers, outbox depth and counters."""
-    async with await connect(agent, name="meshq-status") as mq:
+    async with await connect(agent, creds=creds, name="meshq-status") as mq:
         st = await mq.status()
     if as_json:
         click.echo(json.dumps(st, indent=2))
@@ -205,6 +248,84 @@ async def status(as_json, agent) -> None:
         click.echo("counters")
         for k, v in st["counters"].items():
             click.echo(f"  {k:<28} {v}")
+
+
+# ---------------------------------------------------------------- tenant
+@main.group(context_settings=CONTEXT)
+def tenant() -> None:
+    """Create tenants and issue client credentials (secrets go to 0600 files, never to the terminal)."""
+
+
+@tenant.command("create", context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the tenant file (mode 0600).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("--max-message-bytes", type=click.IntRange(min=1), default=None)
+@click.option("--max-outbox-messages", type=click.IntRange(min=1), default=None)
+@click.option("--max-outbox-bytes", type=click.IntRange(min=1), default=None)
+@click.option("--publish-rate", type=click.FloatRange(min=0, min_open=True), default=None, help="msgs/s per agent.")
+@click.option("--publish-burst", type=click.IntRange(min=1), default=None)
+@click.option("--retention-seconds", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--retention-bytes", type=click.IntRange(min=1), default=None)
+def tenant_create(name, out, force, **quotas) -> None:
+    """Create tenant NAME with a fresh secret and optional quotas; give the file to its agents."""
+    from ._auth import Quotas, create_tenant, write_tenant_file
+    try:
+        q = Quotas.from_dict({k: v for k, v in quotas.items() if v is not None})
+        write_tenant_file(out, create_tenant(name, q), force=force)
+    except FileExistsError:
+        fail(f"{out} exists; pass --force to overwrite it")
+    except (MeshqError, OSError) as e:
+        fail(str(e))
+    click.echo(f"created tenant {name!r} in {out} (keep it secret: agents load it with --tenant-file)", err=True)
+
+
+@tenant.command("token", context_settings=CONTEXT)
+@click.argument("tenant_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--allow-pub", multiple=True, metavar="PATTERN", help="Subjects it may publish to (default: all).")
+@click.option("--allow-sub", multiple=True, metavar="PATTERN", help="Subjects it may subscribe to (default: all).")
+@click.option("--name", default="", help="A name for the holder (shown in logs).")
+@click.option("--expires", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Valid for this many seconds from now.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the credentials (mode 0600).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def tenant_token(tenant_file, allow_pub, allow_sub, name, expires, out, force) -> None:
+    """Issue client credentials for the tenant in TENANT_FILE, limited to subject patterns."""
+    from ._auth import issue_token, load_tenant_file, write_token_file
+    try:
+        secret = load_tenant_file(tenant_file)
+        token = issue_token(secret, allow_pub=tuple(allow_pub) or (">",), allow_sub=tuple(allow_sub) or (">",),
+                            name=name, expires=None if expires is None else time.time() + expires)
+        write_token_file(out, token, force=force)
+    except FileExistsError:
+        fail(f"{out} exists; pass --force to overwrite it")
+    except (MeshqError, OSError) as e:
+        fail(str(e))
+    click.echo(f"wrote credentials for tenant {secret.name!r} to {out}", err=True)
+
+
+@tenant.command("show", context_settings=CONTEXT)
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def tenant_show(file, as_json) -> None:
+    """Describe a tenant or credentials file (never its secret)."""
+    from ._auth import load_tenant_file, load_token_file, peek_token
+    try:
+        try:
+            t = load_tenant_file(file)
+            info = {"kind": "tenant", "tenant": t.name, "quotas": t.quotas.to_dict(omit_defaults=False)}
+        except MeshqError:
+            creds = load_token_file(file)
+            tok = peek_token(creds.token)
+            info = {"kind": "credentials", "tenant": tok.tenant, "name": tok.name, "allow_pub": list(tok.allow_pub),
+                    "allow_sub": list(tok.allow_sub), "expires": tok.expires}
+    except (MeshqError, OSError) as e:
+        fail(str(e))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            click.echo(f"{k:<10} {v}")
 
 
 # ---------------------------------------------------------------- demo

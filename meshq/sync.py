@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any, Iterator, Mapping
 
 from . import _client
 from ._client import Message
-from ._errors import TimeoutError
+from ._errors import QuotaExceeded, TimeoutError
 
 __all__ = ["connect", "Client", "Subscription", "Message"]
 
@@ -72,10 +73,10 @@ class Subscription:
 class Client:
     """A blocking connection to the local agent."""
 
-    def __init__(self, agent: str | None = None, *, name: str = "", timeout: float = 5.0) -> None:
+    def __init__(self, agent: str | None = None, *, creds: str | None = None, name: str = "", timeout: float = 5.0) -> None:
         self._lt = _LoopThread()
         try:
-            self._client: _client.Client = self._lt.run(_client.connect(agent, name=name, timeout=timeout))
+            self._client: _client.Client = self._lt.run(_client.connect(agent, creds=creds, name=name, timeout=timeout))
         except BaseException:
             self._lt.stop()
             raise
@@ -84,9 +85,18 @@ class Client:
         return self._lt.run(coro, timeout)
 
     def publish(self, subject: str, data: bytes = b"", *, headers: Mapping[str, str] | None = None,
-                ttl: float | None = None) -> bytes:
-        """Publish; returns the message id once the local agent has it durably."""
-        return self._run(self._client.publish(subject, data, headers=headers, ttl=ttl))
+                ttl: float | None = None, block: float | None = 30.0) -> bytes:
+        """Publish; returns the message id once durable.  Over a rate quota it waits (backpressure)
+        up to `block` seconds before raising QuotaExceeded (`block=None` or 0: raise at once)."""
+        deadline = time.monotonic() + (block or 0)
+        while True:
+            try:
+                return self._run(self._client.publish(subject, data, headers=headers, ttl=ttl))
+            except QuotaExceeded as e:
+                wait = e.retry_after
+                if not block or wait is None or time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(max(wait, 0.001))
 
     def publish_many(self, messages, *, timeout: float | None = None) -> int:
         """Publish (subject, data) pairs in batches; returns once all are durable."""
@@ -123,9 +133,9 @@ class Client:
         self.close()
 
 
-def connect(agent: str | None = None, *, name: str = "", timeout: float = 5.0) -> Client:
+def connect(agent: str | None = None, *, creds: str | None = None, name: str = "", timeout: float = 5.0) -> Client:
     """Connect to the local agent, blocking (see `meshq.connect`)."""
-    return Client(agent, name=name, timeout=timeout)
+    return Client(agent, creds=creds, name=name, timeout=timeout)
 
 
 del TimeoutError  # re-exported from meshq, not here

@@ -305,6 +305,17 @@ def test_tombstones_expire_and_stale_copies_stay_dead():
     assert c.get("a", "k") is None and c.versions()["a"] == 2
 
 
+def test_purge_floor_travels_with_full_listings():
+    """A relay that learned an origin from a post-purge listing must not vouch for a laggard's stale entry."""
+    a, b, c = Directory("a", 5), Directory("b", 5), Directory("c", 5)
+    c.apply(b.put_local("k", Subscription("x"), 0), 0)   # c has the entry ...
+    b.remove_local("k", 0)                              # ... and misses its removal
+    b.expire(5)                                         # the tombstone is purged at the origin
+    a.apply(b.delta_since(a.versions()), 5)             # a learns b's (empty) state and b's floor
+    c.apply(a.delta_since(c.versions()), 5)             # a must answer c with a full listing
+    assert c.get("b", "k") is None and c.versions() == {"b": 2}
+
+
 def test_forget_origin():
     a, b = Directory("a", 5), Directory("b", 5)
     snap_before = a.snapshot()
@@ -322,13 +333,13 @@ def test_forget_origin():
     assert snap_before == []
 
 
-def seg(items, origin="a", frm=0, to=1, epoch=0):
-    return [[origin, frm, to, items, epoch]]
+def seg(items, origin="a", frm=0, to=1, floor=0):
+    return [[origin, frm, to, items, floor]]
 
 
 @pytest.mark.parametrize("bad", [
     None, "x", {"a": 1}, [1], [["a", 0, 1, []]], [["a", 0, 1, "items", 0]], seg([], origin=""),
-    seg([], origin="a" * 300), seg([], frm=-1), seg([], to=True), seg([], to=2**64), seg([], epoch=-1),
+    seg([], origin="a" * 300), seg([], frm=-1), seg([], to=True), seg([], to=2**64), seg([], floor=-1),
     seg([["k"]]), seg([["k", 0]]), seg([["k", 1.0]]), seg([[b"k", 1]]), seg([["", 1]]),
     seg([["k", 1, "sub"]]), seg([["k", 1, "nope", []]]),
     seg([["k", 1, "sub", ["a..b", None, None, None]]]),

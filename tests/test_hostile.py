@@ -37,11 +37,15 @@ def _raw_unix(endpoint: str, payloads) -> None:
                 pass
 
 
-def _zmq_garbage(endpoint: str, messages, identity: bytes | None = None) -> None:
+def _zmq_garbage(endpoint: str, messages, identity: bytes | None = None, server_key: str | None = None) -> None:
     ctx = zmq.Context()
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
+        if server_key:   # a CURVE client with a key nobody knows
+            public, secret = zmq.curve_keypair()
+            sock.curve_serverkey = server_key.encode()
+            sock.curve_publickey, sock.curve_secretkey = public, secret
         if identity:
             sock.setsockopt(zmq.ROUTING_ID, identity)
         sock.connect(endpoint)
@@ -84,9 +88,14 @@ def test_garbage_is_dropped_and_counted_and_the_agent_keeps_serving(agents):
 
             await asyncio.to_thread(_raw_tcp, a.peer_endpoint, [os.urandom(4096), b"\xff" * 10, b"GET / HTTP/1.0\r\n\r\n"])
             await asyncio.to_thread(_raw_unix, a.client_endpoint, [os.urandom(4096), b"\x01\x02"])
-            # anonymous and impersonating zmq peers, on both ports
+            # plain zmq never gets past CURVE; CURVE clients with unknown keys reach the decoders
+            key = (await pub_client.status())["pubkey"]
             await asyncio.to_thread(_zmq_garbage, a.peer_endpoint, SHAPES)
-            await asyncio.to_thread(_zmq_garbage, a.peer_endpoint, SHAPES, b"evil")
+            await asyncio.to_thread(_zmq_garbage, a.peer_endpoint, SHAPES, None, key)
+            await asyncio.to_thread(_zmq_garbage, a.peer_endpoint, SHAPES, b"evil", key)
+            # one that impersonates agent b's routing id with its own key
+            b_id = (await sub_client.status())["id"].encode()
+            await asyncio.to_thread(_zmq_garbage, a.peer_endpoint, SHAPES, b_id, key)
             await asyncio.to_thread(_zmq_garbage, a.client_endpoint, SHAPES)
             # a client that says HELLO properly and then misbehaves
             hello = [b"H", msgpack.packb({"v": 1, "name": "bad"})]
