@@ -36,6 +36,7 @@ from typing import Any, Callable
 from . import _envelope as env
 from ._envelope import Kind, header_field, pack, unpack_header, unpack_items
 from ._errors import BadSubjectError, MeshqError, RemoteProtocolError
+from ._mesh import MeshMixin
 from ._protocol import InboundStream, Liveness, StreamSender
 from ._store import Store, StreamKey
 from ._subject import SubjectIndex, validate_pattern, validate_subject
@@ -60,7 +61,12 @@ class AgentConfig:
     advertise: str | None = None
     durability: str = "fsync"
     heartbeat_interval: float = 0.5
-    dead_after: float = 3.0
+    dead_after: float = 2.0                  # no direct or indirect sign of life for this long: dead
+    suspect_after: float = 1.0               # silent this long: suspect, ask other agents (PROBE)
+    interfaces: list[str] | None = None      # mDNS interface IPs (None: decided by mdns_plan)
+    seeds: list[str] = field(default_factory=list)
+    mdns: bool = True
+    reannounce_interval: float = 5.0
     client_timeout: float = 10.0             # a silent client is detached after this
     client_grace: float = 30.0               # a detached client's subscriptions live this long
     ack_wait: float = 5.0
@@ -119,7 +125,7 @@ class Peer:
     ping_at: float = 0.0
 
 
-class Agent:
+class Agent(MeshMixin):
     """A meshq agent; `run()` serves until `stop()` (thread-safe) or a signal."""
 
     def __init__(self, config: AgentConfig) -> None:
@@ -160,6 +166,7 @@ class Agent:
         self._acks_due: set[tuple[str, str, str]] = set()
         self._touched: set[StreamKey] = set()
         self._next_timer = 0.0
+        self._mesh_init()
         self._load_state()
 
     # ------------------------------------------------------------------ setup
@@ -222,6 +229,7 @@ class Agent:
             self.add_peer_endpoint(endpoint)
         for _key, endpoint in self.store.scan(b"p\x00"):
             self.add_peer_endpoint(endpoint.decode(), source="store")
+        self._mesh_start()
         self.ready.set()
         if on_ready:
             on_ready(self)
@@ -260,6 +268,8 @@ class Agent:
             elif isinstance(obj, Dealer):
                 for frames in self.sockets.drain(obj.sock):
                     self._guard(self._on_dealer_frames, frames, "link", obj)
+            elif obj == self._mesh_fd:
+                self._on_discovery()
             elif obj == self._stop_r:
                 try:
                     os.read(self._stop_r, 64)
@@ -720,8 +730,10 @@ class Agent:
             self.sockets.send(self.sockets.peers, [producer.encode(), Kind.DNACK, pack([tenant, lane, seq, int(delay * 1000)])])
 
     # ------------------------------------------------------------------ peers
-    def add_peer_endpoint(self, endpoint: str, source: str = "static") -> None:
+    def add_peer_endpoint(self, endpoint: str, source: str = "static", pubkey: str | None = None) -> None:
         """Dial an agent by endpoint; its id is learned from its WELCOME."""
+        if pubkey:
+            self._pubkeys[endpoint] = pubkey
         for peer in list(self.peers.values()) + list(self._dials.values()):
             if peer.endpoint == endpoint:
                 return
@@ -778,8 +790,9 @@ class Agent:
             self._on_dir(origin, unpack_header(frames[2]))
         elif kind == Kind.BYE:
             peer.inbound_instance = ""
-            if peer.liveness is not None:
-                peer.liveness.last_heard = -1e9
+            self.peer_table.goodbye(origin)
+        elif kind in (Kind.PEERS, Kind.PROBE):
+            self._mesh_router_frame(ident, peer, kind, unpack_header(frames[2]), now)
         else:
             raise RemoteProtocolError(f"unknown peer frame kind {kind!r}")
 
@@ -795,7 +808,7 @@ class Agent:
         peer.name = header_field(h, "name", str, "")[:128]
         peer.inbound_instance = instance
         if peer.liveness is None:
-            peer.liveness = Liveness(now, self.config.dead_after / 2, self.config.dead_after)
+            peer.liveness = self.peer_table.liveness_for(agent_id, now)
         peer.liveness.heard(now)
         if peer.endpoint != endpoint and peer.dealer is not None:
             # it came back on another address: re-dial there
@@ -861,6 +874,8 @@ class Agent:
                 peer.up = False
                 if now - peer.hello_at > 0.2:
                     self._send_hello(peer, now)
+        elif kind == Kind.PROBE_ACK:
+            self._mesh_probe_ack(h, now)
         else:
             raise RemoteProtocolError(f"unknown link frame kind {kind!r}")
 
@@ -888,7 +903,7 @@ class Agent:
         peer.dir_sent = {}
         self.store.put(b"p\x00" + agent_id.encode(), peer.endpoint.encode())
         if peer.liveness is None:
-            peer.liveness = Liveness(now, self.config.dead_after / 2, self.config.dead_after)
+            peer.liveness = self.peer_table.liveness_for(agent_id, now)
         peer.liveness.heard(now)
         for mark in marks:
             if type(mark) is list and len(mark) == 3 and type(mark[2]) is int:
@@ -897,6 +912,7 @@ class Agent:
             if stream.dest == agent_id:
                 sender.rewind(now, 0.0)
         self._dir_dirty = True
+        self._mesh_linked(peer, now)
         log.info("linked to %s (%s) at %s", peer.name, agent_id, peer.endpoint)
 
     # ------------------------------------------------------------------ directory (first form)
@@ -960,6 +976,7 @@ class Agent:
 
     # ------------------------------------------------------------------ timers
     def _timers(self, now: float) -> None:
+        died = self._mesh_tick(now)
         hb_due = now - getattr(self, "_last_hb", 0.0) >= self.config.heartbeat_interval
         if hb_due:
             self._last_hb = now
@@ -979,6 +996,7 @@ class Agent:
                     if stream.dest == peer.agent_id:
                         sender.rewind(now, 0.0)
                 self._route_cache.clear()
+        self._mesh_dead(died, now)
         for sender in self.senders.values():
             sender.check_timeout(now)
         for conn in list(self.clients.values()):
@@ -1013,6 +1031,7 @@ class Agent:
             "clients": len(self.clients),
             "subscriptions": len(self.local_subs),
             "counters": dict(sorted(self.counters.items())),
+            **self.mesh_status(now),
         }
 
     def _shutdown(self) -> None:
@@ -1037,6 +1056,7 @@ class Agent:
             self.store.commit()
         finally:
             self.sockets.close()
+            self._mesh_close()
             self.store.close()
             os.close(self._stop_r)
             os.close(self._stop_w)
