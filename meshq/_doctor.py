@@ -37,10 +37,10 @@ class MdnsPlan:
 
 
 def _listen_host(listen: str) -> str:
-    try:
-        return validate_endpoint(listen)[0]
-    except MalformedRecord:
+    """The host part of a tcp:// endpoint (port may be '*'); '' when it is not one."""
+    if not listen.startswith("tcp://") or ":" not in listen[6:]:
         return ""
+    return listen[6:].rsplit(":", 1)[0].strip("[]")
 
 
 def mdns_plan(interfaces: list[str] | None, listen: str, enabled: bool = True) -> MdnsPlan:
@@ -54,7 +54,7 @@ def mdns_plan(interfaces: list[str] | None, listen: str, enabled: bool = True) -
         addr = ipaddress.ip_address(host) if host not in ("", "*", "0.0.0.0") else None
     except ValueError:
         addr = None
-    if addr is not None and addr.is_loopback:
+    if host.lower() == "localhost" or (addr is not None and addr.is_loopback):
         return MdnsPlan(False, [], f"mDNS is off: the agent listens on {host} (loopback), so no other host could "
                                    "dial it; listen on tcp://0.0.0.0:PORT or a LAN address to join a LAN")
     if addr is not None and addr.version == 4:

@@ -153,3 +153,36 @@ def test_decoders_only_raise_remote_protocol_error(h):
             fn(h)
         except RemoteProtocolError:
             pass
+
+
+@pytest.mark.parametrize("interfaces,listen,enabled,expect", [
+    (None, "tcp://127.0.0.1:*", True, (False, [])),
+    (None, "tcp://127.0.0.1:7400", True, (False, [])),
+    (None, "tcp://localhost:7400", True, (False, [])),
+    (None, "tcp://[::1]:7400", True, (False, [])),
+    (None, "tcp://0.0.0.0:7400", True, (True, None)),
+    (None, "tcp://*:7400", True, (True, None)),
+    (None, "tcp://10.1.2.3:*", True, (True, ["10.1.2.3"])),
+    (["10.9.9.9"], "tcp://127.0.0.1:7400", True, (True, ["10.9.9.9"])),
+    (["10.9.9.9"], "tcp://0.0.0.0:7400", False, (False, [])),
+])
+def test_mdns_plan_never_goes_wide_for_a_loopback_agent(interfaces, listen, enabled, expect):
+    from meshq._doctor import mdns_plan
+    plan = mdns_plan(interfaces, listen, enabled)
+    assert (plan.enabled, plan.interfaces) == expect and plan.reason
+
+
+def test_doctor_checks_and_fixes_without_network():
+    from meshq._doctor import run_doctor
+    names = lambda: {"127.0.0.1": "lo", "10.0.0.5": "eth0", "172.17.0.1": "docker0"}  # noqa: E731
+    rep = run_doctor(None, ["tcp://10.0.0.9:7400"], "tcp://0.0.0.0:7400", probe=lambda ip: ip == "10.0.0.5",
+                     connect=lambda ep: "Connection refused", names=names)
+    by = {c.name: c for c in rep.checks}
+    assert rep.interfaces == ["10.0.0.5", "127.0.0.1", "172.17.0.1"] and not rep.ok
+    assert by["mdns 10.0.0.5"].ok and not by["mdns 172.17.0.1"].ok and "Docker" in by["mdns 172.17.0.1"].detail
+    assert "--seed" in by["mdns 172.17.0.1"].fix and "firewall" in by["seed tcp://10.0.0.9:7400"].fix
+    good = run_doctor(["10.0.0.5"], ["tcp://10.0.0.9:7400"], "tcp://0.0.0.0:7400", probe=lambda ip: True,
+                      connect=lambda ep: None, names=names)
+    assert good.ok and all(not c.fix for c in good.checks)
+    off = run_doctor(None, [], "tcp://127.0.0.1:7400", names=names)
+    assert not off.ok and "--seed" in off.checks[0].fix

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+REPO = str(Path(__file__).resolve().parents[2])
+sys.path.insert(0, REPO)
 
 STATE = os.environ.get("MESHQ_LAN_STATE", "/tmp/meshq-lan.json")
 
@@ -125,7 +126,8 @@ def main(argv: list[str]) -> int:
         return asyncio.run(chat(int(argv[1]), argv[2]))
     if len(argv) == 2 and argv[0] == "peers":
         endpoint = _state()["hosts"][int(argv[1])]["client"]
-        return subprocess.call([sys.executable, "-m", "meshq", "peers", "--agent", endpoint])
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return subprocess.call([sys.executable, "-m", "meshq", "peers", "--agent", endpoint], env=env)
     print(__doc__, file=sys.stderr)
     return 2
 
