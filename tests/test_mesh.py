@@ -81,3 +81,61 @@ def test_dead_members_queue_backlog_moves_to_a_live_member(agents):
             await sb.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_malformed_peer_lists_and_probes_are_dropped_and_probes_answered(agents):
+    import msgpack
+    import zmq
+
+    async def main():
+        a = agents.start("a")
+        b = agents.start("b", peers=[a.peer_endpoint])
+        async with await meshq.connect(a.client_endpoint) as ca, await meshq.connect(b.client_endpoint) as cb:
+            b_id = (await cb.status())["id"]
+            await wait_until(lambda: _probe_alive(ca, b_id), 10, what="a and b to link")
+            before = (await ca.status())["counters"].get("dropped_peer_frames", 0)
+            bad = [
+                [b"L", msgpack.packb("not a list")],
+                [b"L", msgpack.packb([["bad id!", "tcp://10.0.0.1:1", ""]])],
+                [b"L", msgpack.packb([["x1", "udp://10.0.0.1:1", ""]])],
+                [b"L", msgpack.packb([["x1", "tcp://10.0.0.1:1", ""]] * 2000)],
+                [b"Q", msgpack.packb({"target": 5})],
+                [b"Q", msgpack.packb([])],
+            ]
+
+            def evil():
+                ctx = zmq.Context()
+                try:
+                    s = ctx.socket(zmq.DEALER)
+                    s.setsockopt(zmq.ROUTING_ID, b"evil01")
+                    s.setsockopt(zmq.LINGER, 0)
+                    s.setsockopt(zmq.RCVTIMEO, 5000)
+                    s.connect(a.peer_endpoint)
+                    s.send_multipart([b"H", msgpack.packb({"v": 1, "id": "evil01", "name": "e", "instance": "i",
+                                                           "endpoint": "tcp://127.0.0.1:9"})])
+                    assert s.recv_multipart()[0] == b"W"
+                    for frames in bad:
+                        s.send_multipart(frames)
+                    s.send_multipart([b"Q", msgpack.packb({"target": b_id})])
+                    while True:
+                        kind, h = s.recv_multipart()[:2]
+                        if kind == b"q":
+                            return msgpack.unpackb(h)
+                finally:
+                    ctx.destroy(0)
+
+            ack = await asyncio.to_thread(evil)
+            assert ack["target"] == b_id and 0 <= ack["ago"] < 1.0
+
+            async def counted():
+                c = (await ca.status())["counters"]
+                return c.get("dropped_peer_frames", 0) - before >= len(bad)
+            await wait_until(counted, 10, what="malformed frames to be counted")
+            assert await _probe_alive(ca, b_id) and a.proc.poll() is None
+
+    asyncio.run(main())
+
+
+async def _probe_alive(client, agent_id) -> bool:
+    return any(r["id"] == agent_id and r["state"] == "alive" for r in (await client.status())["mesh"])
