@@ -52,11 +52,11 @@ def kill9() -> float:
         return m.wait(lambda: all(m.states(h).get(victim) == "dead" for h in (0, 1)), 15, "dead", step=0.02) - t0
 
 
-def heal(cut_seconds: float) -> float:
+def heal(cut_seconds: float, silent: bool = False) -> float:
     with LanMesh(3) as m:
         m.start_many(range(3))
         m.wait(lambda: m.all_alive(range(3)), 15, "all linked")
-        m.lan.cut(2)
+        m.lan.cut(2, silent=silent)
         time.sleep(cut_seconds)
         t0 = time.time()
         m.lan.heal(2)
@@ -84,6 +84,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cut-seconds", type=float, default=20.0)
     ap.add_argument("--only", choices=["five", "late", "kill9", "heal", "newport"], action="append")
+    ap.add_argument("--silent", action="store_true", help="cut by detaching the port (carrier stays up)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     reason = lan_available()
@@ -94,8 +95,8 @@ def main() -> int:
         "five": ("5 agents started together: all linked (from spawn)", five_together),
         "late": ("a late joiner: linked with every running agent (from its spawn)", late_joiner),
         "kill9": ("kill -9: every other agent marks it dead", kill9),
-        "heal": (f"host cut {a.cut_seconds:g} s then healed: all links alive again (from heal)",
-                 lambda: heal(a.cut_seconds)),
+        "heal": (f"host cut{' silently' if a.silent else ''} {a.cut_seconds:g} s then healed: all links alive "
+                 "again (from heal)", lambda: heal(a.cut_seconds, a.silent)),
         "newport": ("agent restarted on a new port: re-linked by the others (from its spawn)", new_port),
     }
     results = {}

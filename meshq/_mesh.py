@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from . import _envelope as env
-from ._discovery import DiscoveryError, MdnsDiscovery, PeerGone, PeerInfo, PeerSeen
+from ._discovery import DiscoveryError, MdnsDiscovery, PeerGone, PeerInfo, PeerSeen, _RateLimitedLog
 from ._doctor import mdns_plan
 from ._envelope import Kind, pack, unpack_items
 from ._errors import RemoteProtocolError
@@ -59,6 +59,7 @@ class MeshMixin:
         self._peers_dirty = False
         self._peers_sent_at = 0.0
         self._reannounced_at = 0.0
+        self._mesh_warn = _RateLimitedLog(log)
         self.counters["peer_flaps"] = 0
         self.counters["peer_deaths"] = 0
 
@@ -110,7 +111,7 @@ class MeshMixin:
         if self.discovery is None:
             return
         for ev in self.discovery.events():
-            if isinstance(ev, PeerSeen):
+            if isinstance(ev, PeerSeen) and ev.info.agent_id:
                 if ev.info.version != env.PROTOCOL_VERSION:
                     self._count("mdns_other_version")
                     continue
@@ -124,6 +125,13 @@ class MeshMixin:
         if agent_id == self.agent_id or endpoint in (self.advertise, self.sockets.peer_endpoint):
             return
         self.peer_table.learn(agent_id, endpoint, source, pubkey)
+        try:
+            self._link_learned(agent_id, endpoint, source, pubkey)
+        except OSError as e:     # zmq refused the endpoint (e.g. an unresolvable host name)
+            self._count("dial_failures")
+            self._mesh_warn.warning(endpoint[:80], "cannot dial %s (from %s): %s", endpoint[:80], source, e)
+
+    def _link_learned(self, agent_id: str, endpoint: str, source: str, pubkey: str) -> None:
         peer = self.peers.get(agent_id)
         if peer is None:
             self.add_peer_endpoint(endpoint, source, pubkey or None)
@@ -131,11 +139,13 @@ class MeshMixin:
         lv = peer.liveness
         link_alive = lv is None or not lv.dead   # second-hand news only replaces a link we consider dead
         if peer.dealer is not None and should_relink(peer.endpoint, link_alive, endpoint, source):
-            log.info("agent %s (%s) moved to %s (via %s): re-linking", peer.name, agent_id, endpoint, source)
+            self._mesh_warn.warning("relink:" + agent_id, "agent %s (%s) moved to %s (via %s): re-linking",
+                                    peer.name, agent_id, endpoint, source)
             self._count("relinks")
+            dealer = self.sockets.dial(endpoint)     # first: it may refuse the endpoint
             self.sockets.hang_up(peer.dealer)
             peer.endpoint = endpoint
-            peer.dealer = self.sockets.dial(endpoint)
+            peer.dealer = dealer
             peer.up = False
             self._send_hello(peer, time.monotonic())
 
