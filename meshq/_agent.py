@@ -39,6 +39,7 @@ from ._auth import (
 )
 from ._envelope import Kind, header_field, pack, unpack_header, unpack_items
 from ._errors import AuthorizationError, BadSubjectError, MeshqError, ProtocolError, RemoteProtocolError
+from ._mesh import MeshMixin
 from ._protocol import InboundStream, Liveness, StreamSender
 from ._store import Store, StreamKey
 from ._subject import SubjectIndex, validate_pattern, validate_subject
@@ -63,7 +64,12 @@ class AgentConfig:
     advertise: str | None = None
     durability: str = "fsync"
     heartbeat_interval: float = 0.5
-    dead_after: float = 3.0
+    dead_after: float = 2.0                  # no direct or indirect sign of life for this long: dead
+    suspect_after: float = 1.0               # silent this long: suspect, ask other agents (PROBE)
+    interfaces: list[str] | None = None      # mDNS interface IPs (None: decided by mdns_plan)
+    seeds: list[str] = field(default_factory=list)
+    mdns: bool = True
+    reannounce_interval: float = 5.0
     client_timeout: float = 10.0             # a silent client is detached after this
     client_grace: float = 30.0               # a detached client's subscriptions live this long
     ack_wait: float = 5.0
@@ -132,7 +138,7 @@ class Peer:
     ping_at: float = 0.0
 
 
-class Agent:
+class Agent(MeshMixin):
     """A meshq agent; `run()` serves until `stop()` (thread-safe) or a signal."""
 
     def __init__(self, config: AgentConfig) -> None:
@@ -192,6 +198,7 @@ class Agent:
         self._acks_due: set[tuple[str, str, str]] = set()
         self._touched: set[StreamKey] = set()
         self._next_timer = 0.0
+        self._mesh_init()
         self._load_state()
 
     # ------------------------------------------------------------------ setup
@@ -259,6 +266,7 @@ class Agent:
                 self.add_peer_endpoint(str(endpoint), source="store", pubkey=str(pubkey))
             except (RemoteProtocolError, ValueError, TypeError):
                 self._count("store_bad_peer")
+        self._mesh_start()
         self.ready.set()
         if on_ready:
             on_ready(self)
@@ -299,6 +307,8 @@ class Agent:
                     self._guard(self._on_dealer_frames, frames, "link", obj)
             elif self.beacon is not None and obj == self.beacon.fileno():
                 self._on_beacon(time.monotonic())
+            elif obj == self._mesh_fd:
+                self._on_discovery()
             elif obj == self._stop_r:
                 try:
                     os.read(self._stop_r, 64)
@@ -859,6 +869,8 @@ class Agent:
         """Link to the agent at `endpoint`; without its CURVE key, ask its key beacon first."""
         if endpoint in (self.advertise, self.sockets.peer_endpoint) or pubkey == self.pubkey:
             return
+        if pubkey:
+            self._pubkeys[endpoint] = pubkey
         for peer in list(self.peers.values()) + list(self._dials.values()):
             if peer.endpoint == endpoint:
                 return
@@ -958,8 +970,9 @@ class Agent:
             self._peer_proof(peer, unpack_header(frames[2]), now)
         elif kind == Kind.BYE:
             peer.inbound_instance = ""
-            if peer.liveness is not None:
-                peer.liveness.last_heard = -1e9
+            self.peer_table.goodbye(origin)
+        elif kind in (Kind.PEERS, Kind.PROBE):
+            self._mesh_router_frame(ident, peer, kind, unpack_header(frames[2]), now)
         else:
             raise RemoteProtocolError(f"unknown peer frame kind {kind!r}")
 
@@ -985,7 +998,7 @@ class Agent:
         both_open = self.open and header_field(h, "open", bool, False)
         peer.in_tenants = frozenset({DEFAULT_TENANT}) if both_open else frozenset()
         if peer.liveness is None:
-            peer.liveness = Liveness(now, self.config.dead_after / 2, self.config.dead_after)
+            peer.liveness = self.peer_table.liveness_for(agent_id, now)
         peer.liveness.heard(now)
         if (peer.endpoint != endpoint or peer.pubkey != pubkey) and peer.dealer is not None:
             # it came back on another address or key: re-dial there
@@ -1068,6 +1081,8 @@ class Agent:
                 peer.up = False
                 if now - peer.hello_at > 0.2:
                     self._send_hello(peer, now)
+        elif kind == Kind.PROBE_ACK:
+            self._mesh_probe_ack(h, now)
         else:
             raise RemoteProtocolError(f"unknown link frame kind {kind!r}")
 
@@ -1114,7 +1129,7 @@ class Agent:
         peer.dir_sent = {}
         self.store.put(b"p\x00" + peer.agent_id.encode(), pack([peer.endpoint, peer.pubkey]))
         if peer.liveness is None:
-            peer.liveness = Liveness(now, self.config.dead_after / 2, self.config.dead_after)
+            peer.liveness = self.peer_table.liveness_for(peer.agent_id, now)
         peer.liveness.heard(now)
         for mark in marks[:100_000]:
             if (type(mark) is list and len(mark) == 3 and type(mark[0]) is str and type(mark[1]) is str
@@ -1125,6 +1140,7 @@ class Agent:
                 sender.rewind(now, 0.0)
         self._route_cache.clear()
         self._dir_dirty = True
+        self._mesh_linked(peer, now)
         log.info("linked to %s (%s) at %s", peer.name, peer.agent_id, peer.endpoint)
 
     # ------------------------------------------------------------------ directory (first form)
@@ -1194,6 +1210,7 @@ class Agent:
     # ------------------------------------------------------------------ timers
     def _timers(self, now: float) -> None:
         self._ask_keys(now)
+        died = self._mesh_tick(now)
         hb_due = now - getattr(self, "_last_hb", 0.0) >= self.config.heartbeat_interval
         if hb_due:
             self._last_hb = now
@@ -1213,6 +1230,7 @@ class Agent:
                     if stream.dest == peer.agent_id:
                         sender.rewind(now, 0.0)
                 self._route_cache.clear()
+        self._mesh_dead(died, now)
         for sender in self.senders.values():
             sender.check_timeout(now)
         for conn in list(self.clients.values()):
@@ -1251,6 +1269,7 @@ class Agent:
             "clients": sum(1 for c in self.clients.values() if c.tenant == tenant),
             "subscriptions": sum(1 for s in self.local_subs.values() if s.tenant == tenant),
             "counters": dict(sorted({**self.counters, **self.tenant_counters.get(tenant, {})}.items())),
+            **self.mesh_status(now),
         }
 
     def _shutdown(self) -> None:
@@ -1277,6 +1296,7 @@ class Agent:
             self.sockets.close()
             if self.beacon is not None:
                 self.beacon.close()
+            self._mesh_close()
             self.store.close()
             os.close(self._stop_r)
             os.close(self._stop_w)

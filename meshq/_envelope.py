@@ -69,6 +69,9 @@ class Kind:
     DELIVER = b"X"
     DACK = b"a"
     DNACK = b"n"
+    PEERS = b"L"        # [[agent_id, endpoint, pubkey], ...]: the agents the sender is linked to
+    PROBE = b"Q"        # {target}: do you still hear this agent?
+    PROBE_ACK = b"q"    # {target, ago}: seconds since I last heard it (nil: I do not)
 
 
 _packer = msgpack.Packer(use_bin_type=True)

@@ -188,6 +188,11 @@ class StreamSender:
         self.send_pos = self.acked_through + 1
         self.hold_until = now + (self.backoff.next_delay() if delay is None else delay)
 
+    def drop_cache(self) -> None:
+        """Forget cached payloads (the stored records were rewritten); sends reload from the store."""
+        self._cache.clear()
+        self._cached_bytes = 0
+
     def on_nack(self, from_seq: int, delay: float, now: float) -> None:
         """The receiver cannot take `from_seq` yet: go back and retry after `delay`."""
         self.rewind(now, max(0.0, min(delay, 60.0)))

@@ -75,6 +75,12 @@ def main() -> None:
 @click.option("--advertise", default=None, metavar="tcp://IP:PORT", help="The endpoint other agents should dial.")
 @click.option("--durability", type=click.Choice(["fsync", "none"]), default="fsync", show_default=True,
               help="fsync: a publish returns after its group commit is on disk.")
+@click.option("--interface", "interfaces", multiple=True, metavar="IP",
+              help="Run mDNS on this interface address (repeatable; default: all interfaces, or none when "
+                   "--listen is loopback).")
+@click.option("--seed", "seeds", multiple=True, metavar="tcp://HOST:PORT",
+              help="Link to this agent and learn its peers (repeatable): for hosts multicast cannot reach.")
+@click.option("--no-mdns", is_flag=True, help="Do not use mDNS (seeds and --peer only).")
 @click.option("--tenant-file", "tenant_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Serve this tenant (a file from `meshq tenant create`; repeatable).")
 @click.option("--open/--no-open", "open_tenant", default=None,
@@ -84,15 +90,16 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
-def agent(ctx, data_dir, listen, peers, name, client_endpoint, advertise, durability, tenant_files, open_tenant,
-          config_file, log_level) -> None:
+def agent(ctx, data_dir, listen, peers, name, client_endpoint, advertise, durability, interfaces, seeds, no_mdns,
+          tenant_files, open_tenant, config_file, log_level) -> None:
     """Run an agent in the foreground (logs to stderr; SIGTERM/SIGINT stop it cleanly)."""
     from ._agent import Agent, AgentConfig
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = dict(data_dir=data_dir, listen=listen, peers=list(peers), name=name, client_endpoint=client_endpoint,
-                   advertise=advertise, durability=durability, tenant_files=list(tenant_files), open_tenant=open_tenant)
+                   advertise=advertise, durability=durability, interfaces=list(interfaces) or None,
+                   seeds=list(seeds), mdns=not no_mdns, tenant_files=list(tenant_files), open_tenant=open_tenant)
     if config_file:
         options = _merge_config(ctx, config_file, options)
     config = AgentConfig(**options)
@@ -121,8 +128,9 @@ def _merge_config(ctx: click.Context, path: str, options: dict) -> dict:
     names = {k.replace("-", "_"): v for k, v in data.get("agent", data).items()}
     if "peer" in names:
         names["peers"] = names.pop("peer")
-    if "tenant_file" in names:
-        names["tenant_files"] = names.pop("tenant_file")
+    for single, plural in (("tenant_file", "tenant_files"), ("seed", "seeds"), ("interface", "interfaces")):
+        if single in names:
+            names[plural] = names.pop(single)
     unknown = set(names) - set(options)
     if unknown:
         raise click.BadParameter(f"unknown option(s) in {path}: {', '.join(sorted(unknown))}", param_hint="--config")
@@ -326,6 +334,62 @@ def tenant_show(file, as_json) -> None:
     else:
         for k, v in info.items():
             click.echo(f"{k:<10} {v}")
+
+
+# ---------------------------------------------------------------- peers
+def _ago(v) -> str:
+    return "-" if v is None else f"{v:.1f}s ago"
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per agent.")
+@agent_option
+@client_command
+async def peers(as_json, agent, creds) -> None:
+    """Every agent the local agent knows: state (alive/suspect/dead), last heard, RTT, how it was found."""
+    async with await connect(agent, creds=creds, name="meshq-peers") as mq:
+        st = await mq.status()
+    rows = st.get("mesh", [])
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'ID':<18} {'NAME':<20} {'STATE':<10} {'LAST HEARD':<12} {'RTT':>9}  {'FOUND BY':<12} ENDPOINTS")
+    for r in rows:
+        rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f}ms"
+        click.echo(f"{r['id'] or '?':<18} {(r['name'] or '')[:20]:<20} {r['state']:<10} {_ago(r['last_heard_s']):<12} "
+                   f"{rtt:>9}  {','.join(r['found_by']):<12} {' '.join(r['endpoints'])}")
+    d = st.get("discovery", {})
+    if d:
+        ifs = d["interfaces"] if isinstance(d["interfaces"], str) else ", ".join(d["interfaces"]) or "-"
+        click.echo(f"\nmDNS {d['mdns']} on {ifs}: {d['reason']}" + (f" ({d['error']})" if d.get("error") else ""))
+
+
+# ---------------------------------------------------------------- doctor
+@main.command(context_settings=CONTEXT)
+@click.option("--interface", "interfaces", multiple=True, metavar="IP", help="Check mDNS on this address (repeatable).")
+@click.option("--seed", "seeds", multiple=True, metavar="tcp://HOST:PORT", help="Check that this seed answers.")
+@click.option("--listen", default="tcp://0.0.0.0:7400", show_default=True, metavar="tcp://IP:PORT",
+              help="The agent's --listen (decides the default interfaces).")
+@click.option("--no-mdns", is_flag=True, help="The agent runs without mDNS.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(interfaces, seeds, listen, no_mdns, as_json) -> None:
+    """Check discovery: which interfaces mDNS uses and why, multicast, seeds; a fix for each failure.
+
+    Exits 0 when every check passed, 1 otherwise.
+    """
+    from ._doctor import run_doctor
+    report = run_doctor(list(interfaces) or None, list(seeds), listen, mdns=not no_mdns)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        ifs = ", ".join(report.interfaces) or "none"
+        click.echo(f"mDNS interfaces: {ifs}\n  why: {report.reason}")
+        for c in report.checks:
+            click.echo(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+            if c.fix:
+                click.echo(f"       fix: {c.fix}")
+        click.echo("all checks passed" if report.ok else "some checks failed")
+    sys.exit(0 if report.ok else 1)
 
 
 # ---------------------------------------------------------------- demo
