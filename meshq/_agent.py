@@ -38,12 +38,12 @@ from ._auth import (
     ClientGrant, MembershipHandshake, RateLimitedLog, RateLimiter, TenantSecret, load_tenant_files, verify_token,
 )
 from ._envelope import Kind, header_field, pack, unpack_header, unpack_items
-from ._errors import AuthorizationError, BadSubjectError, MeshqError, ProtocolError, RemoteProtocolError
+from ._errors import AuthorizationError, BadSubjectError, MeshqError, RemoteProtocolError
 from ._mesh import MeshMixin
 from ._protocol import InboundStream, Liveness, StreamSender
 from ._store import Store, StreamKey
 from ._subject import SubjectIndex, validate_pattern, validate_subject
-from ._transport import AgentSockets, Dealer, KeyBeacon, curve_keypair, curve_public, default_client_endpoint
+from ._transport import AgentSockets, Dealer, KeyBeacon, curve_keypair, default_client_endpoint
 
 log = logging.getLogger("meshq.agent")
 
@@ -79,6 +79,45 @@ class AgentConfig:
     open_tenant: bool | None = None          # serve the credential-less "default" tenant (default: iff no tenant files)
 
 
+@dataclass(frozen=True)
+class SubSpec:
+    """What a client asked for in SUB: the subject pattern and the delivery options."""
+
+    pattern: str
+    group: str | None = None          # queue group: one member gets each message
+    durable: str | None = None        # durable name: outlives the client and agent restarts
+    filter: str | None = None         # header filter, evaluated where the message is published
+    ack_wait: float | None = None     # seconds before an unacked message is redelivered
+    max_deliver: int | None = None    # deliveries before the message goes to the dead-letter store
+
+    @classmethod
+    def from_header(cls, h: Any) -> "SubSpec":
+        """Parse and check a SUB header (BadSubjectError / RemoteProtocolError)."""
+        spec = cls(
+            header_field(h, "subject", str),
+            header_field(h, "group", (str, type(None)), None),
+            header_field(h, "durable", (str, type(None)), None),
+            header_field(h, "filter", (str, type(None)), None),
+            header_field(h, "ack_wait", (int, float, type(None)), None),
+            header_field(h, "max_deliver", (int, type(None)), None),
+        )
+        validate_pattern(spec.pattern)
+        for what, name in (("queue group", spec.group), ("durable", spec.durable)):
+            if name is not None and (not name or "\x00" in name or len(name) > 128):
+                raise BadSubjectError(f"{what} names are 1..128 characters without NUL")
+        if spec.filter is not None and len(spec.filter) > 1024:
+            raise BadSubjectError("filters are limited to 1024 characters")
+        if spec.ack_wait is not None and not 0.05 <= spec.ack_wait <= 86400:
+            raise BadSubjectError("ack_wait must be between 0.05 s and a day")
+        if spec.max_deliver is not None and not 1 <= spec.max_deliver <= 1_000_000:
+            raise BadSubjectError("max_deliver must be at least 1")
+        return spec
+
+    def to_dict(self) -> dict:
+        return {"subject": self.pattern, "group": self.group, "durable": self.durable, "filter": self.filter,
+                "ack_wait": self.ack_wait, "max_deliver": self.max_deliver}
+
+
 @dataclass(eq=False)
 class LocalSub:
     """A subscription of a local client (attached) or of one that is away (detached)."""
@@ -86,12 +125,19 @@ class LocalSub:
     session: bytes
     sid: int
     tenant: str
-    pattern: str
-    group: str | None
+    spec: SubSpec
     conn: "ClientConn | None" = None
     detached_until: float = 0.0
     delivered: int = 0
     inflight: int = 0                 # handed to the client and not yet acked
+
+    @property
+    def pattern(self) -> str:
+        return self.spec.pattern
+
+    @property
+    def group(self) -> str | None:
+        return self.spec.group
 
     @property
     def key(self) -> bytes:
@@ -239,9 +285,9 @@ class Agent(MeshMixin):
                 self._count("store_bad_directory")
         for key, value in self.store.scan(b"l\x00"):
             try:
-                spec = unpack_header(value)
-                sub = LocalSub(bytes.fromhex(spec["session"]), spec["sid"], spec["tenant"],
-                               spec["pattern"], spec.get("group"), None, now + self.config.client_grace)
+                saved = unpack_header(value)
+                sub = LocalSub(bytes.fromhex(saved["session"]), saved["sid"], saved["tenant"],
+                               SubSpec.from_header(saved), None, now + self.config.client_grace)
             except (RemoteProtocolError, KeyError, ValueError, TypeError):
                 self._count("store_bad_subscription")
                 continue
@@ -441,32 +487,28 @@ class Agent(MeshMixin):
 
     def _client_sub(self, conn: ClientConn, header: Any) -> None:
         sid = header_field(header, "sid", int)
-        pattern = header_field(header, "subject", str)
-        group = header_field(header, "group", (str, type(None)), None)
         try:
-            validate_pattern(pattern)
-            if group is not None and (not group or "\x00" in group or len(group) > 128):
-                raise BadSubjectError("queue group names are 1..128 characters without NUL")
+            spec = SubSpec.from_header(header)
             if conn.grant is not None:
-                conn.grant.check_subscribe(pattern)
+                conn.grant.check_subscribe(spec.pattern)
         except (BadSubjectError, AuthorizationError) as e:
             code = "forbidden" if isinstance(e, AuthorizationError) else "bad-subject"
             self._count("subscribe_refused", tenant=conn.tenant)
             self.sockets.send(self.sockets.clients, [conn.ident, Kind.SUBOK, pack({"sid": sid, "error": str(e), "code": code})])
             return
         existing = self.local_subs.get((conn.ident, sid))
-        if existing is not None and existing.pattern == pattern and existing.group == group:
+        if existing is not None and existing.spec == spec:
             existing.conn = conn            # a reconnecting client re-attaches
             conn.subs[sid] = existing
             self._local_cache.clear()
         else:
             if existing is not None:
                 self._remove_local_sub(existing)
-            sub = LocalSub(conn.ident, sid, conn.tenant, pattern, group, conn)
+            sub = LocalSub(conn.ident, sid, conn.tenant, spec, conn)
             conn.subs[sid] = sub
             self._add_local_sub(sub)
             self.store.put(sub.key, pack({"session": conn.ident.hex(), "sid": sid, "tenant": sub.tenant,
-                                          "pattern": pattern, "group": group}), durable=True)
+                                          **spec.to_dict()}), durable=True)
         self.sockets.send(self.sockets.clients, [conn.ident, Kind.SUBOK, pack({"sid": sid})])
 
     def _add_local_sub(self, sub: LocalSub) -> None:

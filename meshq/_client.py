@@ -117,11 +117,12 @@ class Subscription:
     """A subscription; iterate it with `async for msg in sub`.  Awaiting it confirms it with the agent."""
 
     def __init__(self, client: "Client", sid: int, subject: str, group: str | None, manual_ack: bool,
-                 max_pending: int) -> None:
+                 max_pending: int, options: dict | None = None) -> None:
         self._client = client
         self.sid = sid
         self.subject = subject
         self.group = group
+        self.options = options or {}
         self.manual_ack = manual_ack
         self._queue: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
@@ -369,19 +370,27 @@ class Client:
             self._room.set()
 
     # -------------------------------------------------------------- subscribing
-    def subscribe(self, subject: str, *, group: str | None = None, manual_ack: bool = False,
-                  max_pending: int = 100_000) -> Subscription:
-        """Subscribe to a subject pattern; `await` it to confirm, `async for` it to read."""
+    def subscribe(self, subject: str, *, group: str | None = None, durable: str | None = None,
+                  filter: str | None = None, manual_ack: bool = False, ack_wait: float | None = None,
+                  max_deliver: int | None = None, max_pending: int = 100_000) -> Subscription:
+        """Subscribe to a subject pattern; `await` it to confirm, `async for` it to read.
+
+        `group`: share the messages with the other members of a queue group; `durable`: keep
+        the subscription (and its messages) while this client is away; `filter`: only messages
+        whose headers match (see docs/filters.md); `ack_wait`/`max_deliver`: redelivery policy.
+        """
         self._check_open()
         validate_pattern(subject)
         sid = next(self._sids)
-        sub = Subscription(self, sid, subject, group, manual_ack, max_pending)
+        options = {k: v for k, v in (("durable", durable), ("filter", filter), ("ack_wait", ack_wait),
+                                     ("max_deliver", max_deliver)) if v is not None}
+        sub = Subscription(self, sid, subject, group, manual_ack, max_pending, options)
         self._subs[sid] = sub
         self._send_sub(sub)
         return sub
 
     def _send_sub(self, sub: Subscription) -> None:
-        self._channel.send([Kind.SUB, pack({"sid": sub.sid, "subject": sub.subject, "group": sub.group})])
+        self._channel.send([Kind.SUB, pack({"sid": sub.sid, "subject": sub.subject, "group": sub.group, **sub.options})])
 
     def _unsubscribe(self, sub: Subscription) -> None:
         if self._subs.pop(sub.sid, None) is not None and not self._closed:
