@@ -114,3 +114,37 @@ def test_queue_group_members_share_the_work(agents):
     datas = [json.loads(line)["data"] for out in outs for line in out]
     assert sorted(datas) == sorted(f"job {i}" for i in range(1, 201))
     assert all(outs), "each member should get a share"
+
+
+def test_tenant_files_tokens_and_agent_config(workdir, agents):
+    tenant = os.path.join(workdir, "acme.tenant")
+    token = os.path.join(workdir, "svc.creds")
+    p = run("tenant", "create", "acme", "--out", tenant, "--publish-rate", "1000")
+    assert p.returncode == 0, p.stderr
+    assert os.stat(tenant).st_mode & 0o777 == 0o600
+    assert run("tenant", "create", "acme", "--out", tenant).returncode == 1          # no silent overwrite
+    p = run("tenant", "token", tenant, "--allow-pub", "orders.>", "--out", token)
+    assert p.returncode == 0 and os.stat(token).st_mode & 0o777 == 0o600
+    shown = json.loads(run("tenant", "show", token, "--json").stdout)
+    assert shown == {"kind": "credentials", "tenant": "acme", "name": "", "allow_pub": ["orders.>"],
+                     "allow_sub": [">"], "expires": None}
+    secret = json.load(open(tenant))["secret"]
+    assert secret not in run("tenant", "show", tenant).stdout.decode()
+    os.chmod(tenant, 0o644)
+    bad = run("tenant", "token", tenant, "--out", os.path.join(workdir, "x.creds"))
+    assert bad.returncode == 1 and b"chmod 600" in bad.stderr
+    os.chmod(tenant, 0o600)
+
+    config = os.path.join(workdir, "agent.toml")
+    with open(config, "w") as f:
+        f.write(f'[agent]\ntenant-file = ["{tenant}"]\nname = "from-config"\ndurability = "none"\n')
+    a = agents.start("cfg", extra=["--config", config])
+    assert "cfg" in a.ready_line          # a flag given on the command line wins over the file
+    ok = run("pub", "orders.new", "hi", "--agent", a.client_endpoint, "--creds", token)
+    assert ok.returncode == 0, ok.stderr
+    refused = run("pub", "billing.x", "hi", "--agent", a.client_endpoint, env={"MESHQ_CREDS": token})
+    assert refused.returncode == 1 and b"not allowed to publish" in refused.stderr
+    anonymous = run("status", "--agent", a.client_endpoint)
+    assert anonymous.returncode == 1 and b"requires credentials" in anonymous.stderr
+    st = json.loads(run("status", "--json", "--agent", a.client_endpoint, "--creds", token).stdout)
+    assert st["durability"] == "none" and st["tenant"] == "acme"
