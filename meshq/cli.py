@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import functools
 import json
 import logging
@@ -173,10 +174,16 @@ async def pub(subject, body, headers, count, ttl, agent, creds) -> None:
     async with await connect(agent, creds=creds, name="meshq-pub") as mq:
         start = time.perf_counter()
         templated = template is not None and "{i}" in template
+        pending: collections.deque = collections.deque()
         for i in range(1, count + 1):
             payload = template.replace("{i}", str(i)).encode() if templated else data
-            await mq.publish_async(subject, payload, headers=hdrs, ttl=ttl)
+            pending.append(await mq.publish_async(subject, payload, headers=hdrs, ttl=ttl))
+            if len(pending) > 20_000:          # confirmations arrive in order: check the oldest
+                for _ in range(10_000):
+                    await pending.popleft()
         await mq.flush()
+        for ack in pending:
+            await ack                            # raises the first refusal (AuthorizationError, QuotaExceeded…)
         secs = time.perf_counter() - start
     click.echo(f"Published {count} message{'s' if count != 1 else ''} to {subject!r} in {secs:.3f} s "
                f"({count / secs if secs > 0 else 0:,.0f} msgs/s)", err=True)
