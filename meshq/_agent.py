@@ -688,12 +688,7 @@ class Agent(MeshMixin):
                 stream = self._pick_member(tenant, group, candidates)
                 per_stream.setdefault(stream, []).append(item)
         for stream, lst in per_stream.items():
-            sender = self.senders.get(stream) or self._new_sender(stream, 1, 0)
-            payload = pack(lst)
-            seq = sender.append(len(lst), payload)
-            self.store.outbox_put(stream, seq, len(lst), payload)
-            self._outbox_add(tenant, len(lst), len(payload))
-            self._touched.add(stream)
+            self._enqueue(stream, lst)
         accepted = len(items) - sum(r[1] - r[0] + 1 for r in rejects)
         self._count("published", accepted, tenant=tenant)
         if accepted < len(items):
@@ -703,6 +698,15 @@ class Agent(MeshMixin):
         if expired:
             self._count("dropped_expired", expired, tenant=tenant)
         self._pubacks.append((conn.ident, [batch_id, accepted, rejects]))
+
+    def _enqueue(self, stream: StreamKey, items: list) -> None:
+        """Append items to a stream's outbox as one record (written at the end of this turn)."""
+        sender = self.senders.get(stream) or self._new_sender(stream, 1, 0)
+        payload = pack(items)
+        seq = sender.append(len(items), payload)
+        self.store.outbox_put(stream, seq, len(items), payload)
+        self._outbox_add(stream.tenant, len(items), len(payload))
+        self._touched.add(stream)
 
     def _compute_route(self, tenant: str, subject: str) -> tuple:
         index = self._routes.get(tenant)

@@ -243,11 +243,7 @@ class MeshMixin:
                 for item, target in zip(items, targets):
                     per_stream.setdefault(target, []).append(item)
                 for target, lst in per_stream.items():
-                    tsender = self.senders.get(target) or self._new_sender(target, 1, 0)
-                    data = pack(lst)
-                    tseq = tsender.append(len(lst), data)
-                    self.store.outbox_put(target, tseq, len(lst), data)
-                    self._touched.add(target)
+                    self._enqueue(target, lst)
                 tomb = pack([[i[0], i[1], None, i[3], 1, b""] for i in items])
                 self.store.outbox_put(stream, seq, count, tomb)
                 moved += len(items)

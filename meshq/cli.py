@@ -12,7 +12,6 @@ import collections
 import functools
 import json
 import logging
-import os
 import sys
 import time
 
