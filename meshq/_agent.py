@@ -559,6 +559,7 @@ class Agent(MeshMixin, SemanticsMixin):
             if sub.spec.durable is not None:
                 if sub.conn is conn:
                     sub.conn = None           # durables outlive their clients
+                sub.detached_until = float("inf")
             elif graceful:
                 self._remove_local_sub(sub)
             else:
@@ -888,7 +889,7 @@ class Agent(MeshMixin, SemanticsMixin):
             self._count("dropped_no_subscriber", dropped)
         if hold is not None:
             self._count("held")
-            self._send_dnack(tenant, producer, lane, hold, self.config.hold_delay)
+            self._send_dnack(tenant, producer, lane, hold, self._hold_delay(lane))
         self._acks_due.add(key)
 
     def _local_targets(self, tenant: str, lane: str, subject: str) -> list | None:

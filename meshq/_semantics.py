@@ -47,7 +47,8 @@ log = logging.getLogger("meshq.agent")
 
 SWEEP_INTERVAL = 1.0
 SWEEP_RECORDS = 256          # records examined per stream per sweep (bounded work)
-RELEASE_BATCH = 10_000       # delayed messages released per timer tick
+RELEASE_BATCH = 10_000
+DURABLE_HOLD_DELAY = 2.0     # resend interval for a durable whose client is away       # delayed messages released per timer tick
 
 
 def durable_session(tenant: str, name: str) -> bytes:
@@ -84,7 +85,7 @@ class SemanticsMixin:
             return self._sub_refused(conn, sid, f"durable {spec.durable!r} is bound to {sub.spec.pattern!r}; "
                                      "delete it first (unsubscribe(delete=True))", "bad-subject")
         if sub is None:
-            sub = LocalSub(session, 0, conn.tenant, spec, conn, csid=sid)
+            sub = LocalSub(session, 0, conn.tenant, spec, conn, detached_until=float("inf"), csid=sid)
             self._add_local_sub(sub)
             self._persist_sub(sub)
         else:
@@ -100,8 +101,22 @@ class SemanticsMixin:
                 self._persist_sub(sub)
             sub.conn, sub.csid, sub.detached_until = conn, sid, float("inf")
             self._local_cache.clear()
+            self._resume_durable(sub)
         conn.subs[sid] = sub
         self.sockets.send(self.sockets.clients, [conn.ident, Kind.SUBOK, pack({"sid": sid})])
+
+    def _hold_delay(self, lane: str) -> float:
+        """How long a producer should wait before resending held messages of `lane`."""
+        if lane.startswith("d:"):
+            return DURABLE_HOLD_DELAY     # a re-attach calls them back at once (`_resume_durable`)
+        return self.config.hold_delay
+
+    def _resume_durable(self, sub: Any) -> None:
+        """A client attached to a durable: ask every producer holding its messages to send now."""
+        lane = "d:" + sub.spec.durable
+        for (tenant, producer, l), st in self.inbound.items():
+            if tenant == sub.tenant and l == lane:
+                self._send_dnack(tenant, producer, lane, st.watermark + 1, 0.0)
 
     def _persist_sub(self, sub: Any) -> None:
         self.store.put(sub.key, pack({"session": sub.session.hex(), "sid": sub.sid, "tenant": sub.tenant,

@@ -57,8 +57,7 @@ async def _work_queue(agents, n, kill_mid_run):
                 await msg.ack()
                 if kill_mid_run and name == "c" and per_worker["c"] == 2000 and not killed.is_set():
                     killed.set()
-                    await asyncio.to_thread(c.kill)
-                    return
+                    await asyncio.to_thread(c.kill)   # the worker goes on with what it already received
 
         tasks = [asyncio.create_task(work(name, sub)) for name, sub in subs.items()]
         await _publish_numbers(producer, "jobs.new", range(n))
