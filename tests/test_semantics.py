@@ -62,7 +62,8 @@ async def _work_queue(agents, n, kill_mid_run):
         tasks = [asyncio.create_task(work(name, sub)) for name, sub in subs.items()]
         await _publish_numbers(producer, "jobs.new", range(n))
         await wait_until(lambda: _all_handled(handled, n), 60, interval=0.2, what="every job to be handled")
-        await asyncio.sleep(0.5)     # let stragglers (duplicates) in before counting
+        # let stragglers (duplicates) in before counting: after a kill, until the dead agent's backlog moved
+        await asyncio.sleep(3.0 if kill_mid_run else 0.5)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -107,7 +108,7 @@ def test_queue_group_member_agent_killed_mid_run_every_message_handled(agents, c
         with capsys.disabled():
             print(f"\n[queue group kill -9] handled {len(handled)} for {n} messages: {duplicates} duplicates; "
                   f"per worker {per_worker}; rerouted_from_dead={st['counters'].get('rerouted_from_dead', 0)}")
-        assert duplicates < n // 4
+        assert duplicates <= n // 2
 
     asyncio.run(main())
 
