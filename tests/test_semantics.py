@@ -299,3 +299,39 @@ def test_delayed_messages_not_early_and_survive_sending_agent_restart(agents):
                 await sub.next_msg(timeout=0.5)
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- retention (per tenant)
+@pytest.mark.timeout(60)
+def test_durable_backlog_past_tenant_retention_is_dropped_and_counted(agents, workdir):
+    from meshq._auth import Quotas, create_tenant, issue_token, write_tenant_file, write_token_file
+
+    tenant = create_tenant("ret", Quotas(retention_seconds=1.0))
+    tfile, cfile = os.path.join(workdir, "ret.tenant"), os.path.join(workdir, "ret.creds")
+    write_tenant_file(tfile, tenant)
+    write_token_file(cfile, issue_token(tenant))
+
+    async def main():
+        a = agents.start("a", extra=["--tenant-file", tfile])
+        b = agents.start("b", peers=[a.peer_endpoint], extra=["--tenant-file", tfile])
+        async with await meshq.connect(a.client_endpoint, creds=cfile) as pub:
+            async with await meshq.connect(b.client_endpoint, creds=cfile) as first:
+                await first.subscribe("keep.>", durable="slow")
+                await wait_routes(pub)
+            await _publish_numbers(pub, "keep.old", range(100))       # waits past the 1 s retention
+            await wait_until(lambda: _counter_at_least(pub, "dropped_retention", 100), 10,
+                             what="the old backlog to be dropped")
+            await _publish_numbers(pub, "keep.new", range(100, 110))
+            async with await meshq.connect(b.client_endpoint, creds=cfile) as back:
+                sub = await back.subscribe("keep.>", durable="slow")
+                got = [int((await sub.next_msg(timeout=10)).data) for _ in range(10)]
+                assert got == list(range(100, 110))
+                with pytest.raises(meshq.TimeoutError):
+                    await sub.next_msg(timeout=0.5)
+            assert (await pub.status())["counters"]["dropped_retention"] == 100
+
+    asyncio.run(main())
+
+
+async def _counter_at_least(client, name, n):
+    return await _counter(client, name) >= n
