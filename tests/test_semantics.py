@@ -335,3 +335,40 @@ def test_durable_backlog_past_tenant_retention_is_dropped_and_counted(agents, wo
 
 async def _counter_at_least(client, name, n):
     return await _counter(client, name) >= n
+
+
+# ---------------------------------------------------------------- ack wait in a queue group: another agent's member
+@pytest.mark.timeout(60)
+def test_queue_group_ack_wait_passed_redelivers_to_a_member_on_another_agent(agents):
+    async def main():
+        a = agents.start("a")
+        b = agents.start("b", peers=[a.peer_endpoint])
+        c = agents.start("c", peers=[a.peer_endpoint, b.peer_endpoint])
+        receivers: list[str] = []
+        async with await meshq.connect(a.client_endpoint) as pub, \
+                await meshq.connect(b.client_endpoint) as cb, await meshq.connect(c.client_endpoint) as cc:
+            subs = {"b": await cb.subscribe("stuck.>", group="w", manual_ack=True, ack_wait=0.5),
+                    "c": await cc.subscribe("stuck.>", group="w", manual_ack=True, ack_wait=0.5)}
+            await wait_routes(pub, 2)
+
+            async def member(name, sub):
+                async for msg in sub:
+                    receivers.append(name)
+                    if len(receivers) > 1:
+                        await msg.ack()          # the first receiver hangs; whoever gets it next acks
+
+            tasks = [asyncio.create_task(member(n, s)) for n, s in subs.items()]
+            await pub.publish("stuck.job", b"x")
+            await wait_until(lambda: _len_at_least(receivers, 2), 10, what="the redelivery")
+            await asyncio.sleep(1.5)
+            for t in tasks:
+                t.cancel()
+            assert receivers[0] != receivers[1], f"redelivered to the member on the other agent: {receivers}"
+            assert len(receivers) == 2
+            assert await _counter(pub, "rerouted_ack_wait") == 1
+
+    asyncio.run(main())
+
+
+async def _len_at_least(seq, n):
+    return len(seq) >= n
