@@ -248,7 +248,12 @@ class SemanticsMixin:
             if raw is None:
                 error = f"no dead letter {arg} in tenant {tenant!r}"
             else:
-                letter = DeadLetter.decode(unpack_header_big(raw))
+                try:
+                    letter = DeadLetter.decode(unpack_header_big(raw))
+                except RemoteProtocolError as e:
+                    self._count("store_bad_dead_letter")
+                    letter, error = None, f"dead letter {arg} is unreadable ({e}); purge it"
+            if raw is not None and letter is not None:
                 if op == "show":
                     result = letter.details()
                 else:
