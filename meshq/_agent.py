@@ -39,8 +39,10 @@ from ._auth import (
 )
 from ._envelope import Kind, header_field, pack, unpack_header, unpack_items
 from ._errors import AuthorizationError, BadSubjectError, MeshqError, RemoteProtocolError
+from ._deadletter import TOMBSTONE_EXPIRY, not_before_ms
 from ._mesh import MeshMixin
 from ._protocol import InboundStream, Liveness, StreamSender
+from ._semantics import SemanticsMixin
 from ._store import Store, StreamKey
 from ._subject import SubjectIndex, validate_pattern, validate_subject
 from ._transport import AgentSockets, Dealer, KeyBeacon, curve_keypair, default_client_endpoint
@@ -130,6 +132,11 @@ class LocalSub:
     detached_until: float = 0.0
     delivered: int = 0
     inflight: int = 0                 # handed to the client and not yet acked
+    csid: int = 0                     # the attached client's sid for it (differs from sid for durables)
+
+    def __post_init__(self) -> None:
+        if not self.csid:
+            self.csid = self.sid
 
     @property
     def pattern(self) -> str:
@@ -155,7 +162,8 @@ class ClientConn:
     grant: ClientGrant | None = None          # None: the open tenant, everything allowed
     allowed_subjects: dict = field(default_factory=dict)   # subject -> may publish (cache)
     subs: dict[int, LocalSub] = field(default_factory=dict)
-    outstanding: dict[int, tuple] = field(default_factory=dict)  # tag -> (stream key, seq, counter)
+    outstanding: dict[int, tuple] = field(default_factory=dict)  # tag -> (stream key, seq, counter, sub, msg id)
+    extended: dict[int, float] = field(default_factory=dict)     # tag -> ack deadline pushed out by in_progress
     next_tag: int = 1
 
 
@@ -184,7 +192,7 @@ class Peer:
     ping_at: float = 0.0
 
 
-class Agent(MeshMixin):
+class Agent(MeshMixin, SemanticsMixin):
     """A meshq agent; `run()` serves until `stop()` (thread-safe) or a signal."""
 
     def __init__(self, config: AgentConfig) -> None:
@@ -245,6 +253,7 @@ class Agent(MeshMixin):
         self._touched: set[StreamKey] = set()
         self._next_timer = 0.0
         self._mesh_init()
+        self._semantics_init()
         self._load_state()
 
     # ------------------------------------------------------------------ setup
@@ -286,8 +295,9 @@ class Agent(MeshMixin):
         for key, value in self.store.scan(b"l\x00"):
             try:
                 saved = unpack_header(value)
-                sub = LocalSub(bytes.fromhex(saved["session"]), saved["sid"], saved["tenant"],
-                               SubSpec.from_header(saved), None, now + self.config.client_grace)
+                spec = SubSpec.from_header(saved)
+                sub = LocalSub(bytes.fromhex(saved["session"]), saved["sid"], saved["tenant"], spec, None,
+                               float("inf") if spec.durable else now + self.config.client_grace)
             except (RemoteProtocolError, KeyError, ValueError, TypeError):
                 self._count("store_bad_subscription")
                 continue
@@ -440,10 +450,20 @@ class Agent(MeshMixin):
         elif kind == Kind.SUB:
             self._client_sub(conn, unpack_header(frames[2]))
         elif kind == Kind.UNSUB:
-            sid = header_field(unpack_header(frames[2]), "sid", int)
+            h = unpack_header(frames[2])
+            sid = header_field(h, "sid", int)
             sub = conn.subs.pop(sid, None)
             if sub is not None:
-                self._remove_local_sub(sub)
+                if sub.spec.durable is not None and not header_field(h, "delete", bool, False):
+                    self._abandon(conn, lambda t: t[3] is sub)    # a durable only detaches
+                    sub.conn = None
+                    self._local_cache.clear()
+                else:
+                    self._remove_local_sub(sub)
+        elif kind == Kind.IN_PROGRESS:
+            self._client_in_progress(conn, unpack_header(frames[2]))
+        elif kind == Kind.DLQ:
+            self._client_dlq(conn, unpack_header(frames[2]))
         elif kind == Kind.HEARTBEAT:
             self.sockets.send(self.sockets.clients, [ident, Kind.HEARTBEAT, pack({"instance": self.instance})])
         elif kind == Kind.STATUS:
@@ -496,6 +516,9 @@ class Agent(MeshMixin):
             self._count("subscribe_refused", tenant=conn.tenant)
             self.sockets.send(self.sockets.clients, [conn.ident, Kind.SUBOK, pack({"sid": sid, "error": str(e), "code": code})])
             return
+        if spec.durable is not None:
+            self._durable_sub(conn, sid, spec)
+            return
         existing = self.local_subs.get((conn.ident, sid))
         if existing is not None and existing.spec == spec:
             existing.conn = conn            # a reconnecting client re-attaches
@@ -533,7 +556,11 @@ class Agent(MeshMixin):
         self._abandon(conn, lambda t: True)
         now = time.monotonic()
         for sub in list(conn.subs.values()):
-            if graceful:
+            if sub.spec.durable is not None:
+                if sub.conn is conn:
+                    sub.conn = None           # durables outlive their clients
+                sub.detached_until = float("inf")
+            elif graceful:
                 self._remove_local_sub(sub)
             else:
                 sub.conn = None
@@ -544,7 +571,7 @@ class Agent(MeshMixin):
         """Give back unacked deliveries; their producers are asked to resend them."""
         lowest: dict[tuple, int] = {}
         for tag in [t for t, v in conn.outstanding.items() if which(v)]:
-            key, seq, _counter, sub = conn.outstanding.pop(tag)
+            key, seq, _counter, sub, _mid = conn.outstanding.pop(tag)
             sub.inflight -= 1
             st = self.inbound.get(key)
             if st is not None:
@@ -559,6 +586,7 @@ class Agent(MeshMixin):
             raise RemoteProtocolError("ACK header must be a list of tag ranges")
         pop = conn.outstanding.pop
         inbound = self.inbound
+        attempts = self._attempts
         for rng in header:
             if type(rng) is not list or len(rng) != 2 or type(rng[0]) is not int or type(rng[1]) is not int:
                 raise RemoteProtocolError("ACK range must be [first, last]")
@@ -569,7 +597,7 @@ class Agent(MeshMixin):
                 entry = pop(tag, None)
                 if entry is None:
                     continue
-                key, seq, counter, sub = entry
+                key, seq, counter, sub, _mid = entry
                 sub.inflight -= 1
                 if counter is not None:
                     counter[0] -= 1
@@ -579,29 +607,21 @@ class Agent(MeshMixin):
                 if st is not None:
                     st.finish(seq)
                     self._acks_due.add(key)
+                if attempts:
+                    attempts.pop((key, seq), None)
 
     def _client_nack(self, conn: ClientConn, header: Any) -> None:
         tags = header_field(header, "tags", list)
         delay = header_field(header, "delay", (int, float), 0)
+        if not 0 <= delay <= 86400:
+            raise RemoteProtocolError("NACK delay must be 0..86400 s")
         wanted = set()
         for rng in tags:
-            if type(rng) is not list or len(rng) != 2:
+            if type(rng) is not list or len(rng) != 2 or type(rng[0]) is not int or type(rng[1]) is not int:
                 raise RemoteProtocolError("NACK range must be [first, last]")
             wanted.update(range(rng[0], min(rng[1], rng[0] + 100_000) + 1))
-        lowest: dict[tuple, int] = {}
-        for tag in wanted:
-            entry = conn.outstanding.pop(tag, None)
-            if entry is None:
-                continue
-            key, seq, _c, sub = entry
-            sub.inflight -= 1
-            st = self.inbound.get(key)
-            if st is not None:
-                st.abandon(seq)
-                lowest[key] = min(lowest.get(key, seq), seq)
-        for (tenant, producer, lane), seq in lowest.items():
-            self._send_dnack(tenant, producer, lane, seq, float(delay))
-        self._count("client_nacks", len(wanted))
+        n = self._give_back(conn, sorted(wanted), float(delay), "nack")
+        self._count("client_nacks", n)
 
     # ------------------------------------------------------------------ publishing
     def _quota_admit(self, conn: ClientConn, items: list, payload_bytes: int) -> tuple[int, list | None]:
@@ -662,6 +682,14 @@ class Agent(MeshMixin):
             if max_body is not None and len(item[5]) > max_body:
                 _refuse(rejects, i, "quota", f"a message body exceeds the tenant's limit of {max_body} bytes")
                 continue
+            if item[2] is not None and (due := not_before_ms(item[2])) is not None and due > now_ms:
+                try:
+                    validate_subject(subject)
+                except BadSubjectError as e:
+                    _refuse(rejects, i, "bad-subject", str(e))
+                    continue
+                self._defer(tenant, item, due)     # routed when due (SemanticsMixin)
+                continue
             route = cache.get((tenant, subject))
             if route is None:
                 try:
@@ -711,13 +739,13 @@ class Agent(MeshMixin):
     def _compute_route(self, tenant: str, subject: str) -> tuple:
         index = self._routes.get(tenant)
         matched = index.match(subject) if index is not None else set()
-        plain = sorted({agent for agent, group in matched if group is None})
+        plain = sorted({(agent, lane) for agent, group, lane in matched if group is None})
         groups: dict[str, list] = {}
-        for agent, group in matched:
+        for agent, group, _lane in matched:
             if group is not None:
                 groups.setdefault(group, []).append(agent)
         route = (
-            tuple(StreamKey(tenant, a, "") for a in plain),
+            tuple(StreamKey(tenant, a, lane) for a, lane in plain),
             tuple((g, tuple(StreamKey(tenant, a, "g:" + g) for a in sorted(set(c)))) for g, c in sorted(groups.items())),
         )
         if len(self._route_cache) > 10_000:
@@ -811,15 +839,21 @@ class Agent(MeshMixin):
         batches: dict[LocalSub, list] = {}
         hold = None
         dups = dropped = 0
+        dead = self._dead
         for i, item in enumerate(items):
             seq = first_seq + i
             if not st.is_new(seq):
                 dups += 1
                 continue
+            if dead and (key, seq) in dead:
+                self._dead_letter(key, seq, item, dead.pop((key, seq)))
+                st.finish(seq)
+                continue
             expires = item[4]
             if expires is not None and expires <= now_ms:
                 st.finish(seq)
-                self._count("dropped_expired")
+                if expires != TOMBSTONE_EXPIRY:
+                    self._count("dropped_expired", tenant=tenant)
                 continue
             targets = self._local_targets(tenant, lane, item[1])
             if targets is None:
@@ -839,17 +873,19 @@ class Agent(MeshMixin):
                 else:
                     lst.append((seq, counter, item))
         redelivered = attempt > 1
+        now = time.monotonic()
         for sub, lst in batches.items():
             conn = sub.conn
             first_tag = conn.next_tag
             conn.next_tag += len(lst)
             out = conn.outstanding
             tag = first_tag
-            for seq, counter, _item in lst:
-                out[tag] = (key, seq, counter, sub)
+            for seq, counter, item in lst:
+                out[tag] = (key, seq, counter, sub, item[0])
                 tag += 1
             sub.delivered += len(lst)
-            self.sockets.send(self.sockets.clients, [conn.ident, Kind.MSG, pack([sub.sid, first_tag, redelivered]),
+            self._track(conn, sub, first_tag, tag - 1, now)
+            self.sockets.send(self.sockets.clients, [conn.ident, Kind.MSG, pack([sub.csid, first_tag, redelivered]),
                                                      pack([x[2] for x in lst])])
         if dups:
             self._count("duplicates_dropped", dups)
@@ -857,7 +893,7 @@ class Agent(MeshMixin):
             self._count("dropped_no_subscriber", dropped)
         if hold is not None:
             self._count("held")
-            self._send_dnack(tenant, producer, lane, hold, self.config.hold_delay)
+            self._send_dnack(tenant, producer, lane, hold, self._hold_delay(lane))
         self._acks_due.add(key)
 
     def _local_targets(self, tenant: str, lane: str, subject: str) -> list | None:
@@ -868,9 +904,12 @@ class Agent(MeshMixin):
             index = self._local_index.get(tenant)
             matched = index.match(subject) if index is not None else set()
             if lane == "":
-                subs = sorted((s for s in matched if s.group is None), key=lambda s: (s.session, s.sid))
+                subs = sorted((s for s in matched if s.group is None and s.spec.durable is None),
+                              key=lambda s: (s.session, s.sid))
             elif lane.startswith("g:"):
                 subs = [s for s in matched if s.group == lane[2:]]
+            elif lane.startswith("d:"):
+                subs = [s for s in matched if s.spec.durable == lane[2:]]
             else:
                 subs = []
             if len(self._local_cache) > 10_000:
@@ -1108,10 +1147,14 @@ class Agent(MeshMixin):
             if h[0] in peer.out_tenants:
                 self._on_ack(StreamKey(h[0], peer.agent_id, h[1]), h[2], now)
         elif kind == Kind.DNACK:
-            if type(h) is not list or len(h) != 4 or type(h[2]) is not int or type(h[3]) is not int:
-                raise RemoteProtocolError("DNACK must be [tenant, lane, seq, delay_ms]")
-            sender = self.senders.get(StreamKey(h[0], peer.agent_id, h[1]))
+            if (type(h) is not list or len(h) not in (4, 5) or type(h[2]) is not int or type(h[3]) is not int
+                    or (len(h) == 5 and h[4] != "elsewhere")):
+                raise RemoteProtocolError("DNACK must be [tenant, lane, seq, delay_ms(, \"elsewhere\")]")
+            stream = StreamKey(h[0], peer.agent_id, h[1])
+            sender = self.senders.get(stream)
             if sender is not None and h[0] in peer.out_tenants:
+                if len(h) == 5 and type(h[1]) is str and h[1].startswith("g:"):
+                    self._reroute_one(stream, h[2], now)   # ack wait passed there: try another member's agent
                 sender.on_nack(h[2], h[3] / 1000, now)
         elif kind == Kind.MARKS:
             self._linked(peer, header_field(h, "marks", list), now)
@@ -1191,7 +1234,7 @@ class Agent(MeshMixin):
 
     # ------------------------------------------------------------------ directory (first form)
     def _local_entries(self, tenant: str) -> list:
-        return sorted({(s.pattern, s.group or "") for s in self.local_subs.values() if s.tenant == tenant})
+        return sorted({(s.pattern, s.group or "", s.spec.durable or "") for s in self.local_subs.values() if s.tenant == tenant})
 
     def served_tenants(self) -> set[str]:
         """The tenants this agent serves."""
@@ -1231,10 +1274,11 @@ class Agent(MeshMixin):
             return
         entries = []
         for e in subs[:10_000]:
-            if type(e) is not list or len(e) != 2 or type(e[0]) is not str or type(e[1]) is not str:
-                raise RemoteProtocolError("directory entry must be [pattern, group]")
+            if (type(e) is not list or len(e) not in (2, 3) or type(e[0]) is not str or type(e[1]) is not str
+                    or (len(e) == 3 and type(e[2]) is not str)):
+                raise RemoteProtocolError("directory entry must be [pattern, group, durable]")
             validate_pattern(e[0])
-            entries.append([e[0], e[1]])
+            entries.append([e[0], e[1], e[2] if len(e) == 3 else ""])
         known = self._remote_dir.setdefault(tenant, {}).get(origin)
         if known is not None and known[0] >= version and known[1] == entries:
             return
@@ -1248,8 +1292,9 @@ class Agent(MeshMixin):
         views = dict(self._remote_dir.get(tenant, {}))
         views[self.agent_id] = (0, [list(e) for e in local])
         for origin, (_v, entries) in views.items():
-            for pattern, group in entries:
-                index.add(pattern, (origin, group or None))
+            for e in entries:
+                durable = e[2] if len(e) > 2 else ""
+                index.add(e[0], (origin, None, "d:" + durable) if durable else (origin, e[1] or None, ""))
         self._routes[tenant] = index
         self._route_cache.clear()
 
@@ -1279,6 +1324,9 @@ class Agent(MeshMixin):
         self._mesh_dead(died, now)
         for sender in self.senders.values():
             sender.check_timeout(now)
+        self._ack_timers(now)
+        self._release_delayed(int(time.time() * 1000))
+        self._sweep_outboxes(now)
         for conn in list(self.clients.values()):
             if conn.liveness.state(now) == "dead":
                 self._count("client_timeouts")

@@ -25,6 +25,7 @@ from ._errors import (
     AuthorizationError, BadSubjectError, ConnectionClosedError, MeshqError, NoRespondersError, QuotaExceeded,
     RemoteProtocolError, TimeoutError,
 )
+from ._deadletter import NOT_BEFORE_HEADER
 from ._ids import IdGenerator
 from ._subject import validate_pattern, validate_subject
 from ._transport import ClientChannel, default_client_endpoint
@@ -67,6 +68,10 @@ class Message(tuple):
     async def nack(self, delay: float = 0.0) -> None:
         """Give the message back for redelivery after `delay` seconds."""
         self[7]._nack(self, delay)
+
+    async def in_progress(self) -> None:
+        """Still working on it: restart the subscription's ack wait for this message."""
+        self[7]._in_progress(self)
 
     def __repr__(self) -> str:
         return f"Message(subject={self[1]!r}, data={self[3][:40]!r}, id={self[0].hex()}, redelivered={self[4]})"
@@ -128,6 +133,8 @@ class Subscription:
         self._waiter: asyncio.Future | None = None
         self._last: Message | None = None
         self._outstanding: set[int] = set()
+        self._seen: set[bytes] = set()          # ids handed out (a redelivery of one is dropped)
+        self._seen_order: collections.deque = collections.deque()
         self._confirmed = client._loop.create_future()
         self._closed = False
         self.delivered = 0
@@ -165,6 +172,10 @@ class Subscription:
             finally:
                 self._waiter = None
         msg = queue.popleft()
+        if msg[6] is not None and msg[6] <= time.time() * 1000:
+            self._client._ack(msg)          # expired while it waited here: never handed out
+            self._client.expired_dropped += 1
+            return await self.next_msg(timeout)
         self.delivered += 1
         self._last = msg
         return msg
@@ -178,15 +189,18 @@ class Subscription:
         """Messages received and not yet handed to the application."""
         return len(self._queue)
 
-    async def unsubscribe(self) -> None:
-        """End the subscription; messages not yet handed out go back to the mesh."""
+    async def unsubscribe(self, delete: bool = False) -> None:
+        """End the subscription; messages not yet handed out go back to the mesh.
+
+        A durable subscription only detaches (its messages wait for the next client) unless `delete`.
+        """
         if self._closed:
             return
         if self._last is not None and not self.manual_ack:
             self._client._ack(self._last)
             self._last = None
         self._closed = True
-        self._client._unsubscribe(self)
+        self._client._unsubscribe(self, delete)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -221,10 +235,11 @@ class Client:
         self._acks: list[int] = []
         self._ack_scheduled = False
         self._epoch = 0
-        self._seen: set[bytes] = set()
-        self._seen_order: collections.deque = collections.deque()
-        self.seen_limit = 200_000
+        self.seen_limit = 200_000     # ids remembered per subscription (redelivery dedupe)
         self.duplicates = 0
+        self.expired_dropped = 0
+        self._requests: dict[int, asyncio.Future] = {}
+        self._req_ids = itertools.count(1)
         self._welcome: asyncio.Future | None = None
         self._status_waiters: collections.deque = collections.deque()
         self._agent_instance = ""
@@ -293,14 +308,19 @@ class Client:
 
     # -------------------------------------------------------------- publishing
     async def publish(self, subject: str, data: bytes = b"", *, headers: Mapping[str, str] | None = None,
-                      ttl: float | None = None) -> bytes:
-        """Publish and return the message id once the local agent has it durably."""
-        ack = await self.publish_async(subject, data, headers=headers, ttl=ttl)
+                      ttl: float | None = None, delay: float | None = None, not_before: float | None = None) -> bytes:
+        """Publish and return the message id once the local agent has it durably.
+
+        `ttl`: drop it if not delivered within this many seconds; `delay` (seconds) or
+        `not_before` (epoch seconds): do not deliver it before then (kept durably by the agent).
+        """
+        ack = await self.publish_async(subject, data, headers=headers, ttl=ttl, delay=delay, not_before=not_before)
         self._flush_now()
         return await ack
 
     async def publish_async(self, subject: str, data: bytes = b"", *, headers: Mapping[str, str] | None = None,
-                            ttl: float | None = None) -> _PubAck:
+                            ttl: float | None = None, delay: float | None = None,
+                            not_before: float | None = None) -> _PubAck:
         """Queue a publish; returns an awaitable that completes once it is durable (see `flush`)."""
         if self._inflight_msgs >= self.max_pending:
             self._flush_now()
@@ -309,6 +329,8 @@ class Client:
                 self._room.clear()
                 await self._room.wait()
         self._check_open()
+        if delay is not None or not_before is not None:
+            headers = _with_not_before(headers, delay, not_before)
         return self._enqueue(subject, data, headers, ttl)
 
     def _enqueue(self, subject, data, headers, ttl) -> _PubAck:
@@ -392,10 +414,10 @@ class Client:
     def _send_sub(self, sub: Subscription) -> None:
         self._channel.send([Kind.SUB, pack({"sid": sub.sid, "subject": sub.subject, "group": sub.group, **sub.options})])
 
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def _unsubscribe(self, sub: Subscription, delete: bool = False) -> None:
         if self._subs.pop(sub.sid, None) is not None and not self._closed:
             self._flush_acks()
-            self._channel.send([Kind.UNSUB, pack({"sid": sub.sid})])
+            self._channel.send([Kind.UNSUB, pack({"sid": sub.sid, "delete": bool(delete)})])
 
     def _on_msg(self, h: Any, payload: bytes) -> None:
         if type(h) is not list or len(h) != 3 or type(h[0]) is not int or type(h[1]) is not int:
@@ -406,7 +428,7 @@ class Client:
         if sub is None:
             self._nack_tags([[tag, tag + len(items) - 1]], 0.0)
             return
-        seen, order = self._seen, self._seen_order
+        seen, order = sub._seen, sub._seen_order
         epoch = self._epoch
         redelivered = bool(redelivered)
         msgs = []
@@ -450,8 +472,60 @@ class Client:
         sub._outstanding.discard(tag)
         if sub._last is msg:
             sub._last = None
-        self._seen.discard(msg[0])
+        sub._seen.discard(msg[0])
         self._nack_tags([[tag, tag]], delay)
+
+    def _in_progress(self, msg: Message) -> None:
+        sub, tag, epoch = msg[8], msg[9], msg[10]
+        if epoch != self._epoch or tag not in sub._outstanding:
+            return
+        self._channel.send([Kind.IN_PROGRESS, pack([[tag, tag]])])
+
+    def _on_expired(self, h: Any) -> None:
+        """The agent gave these deliveries back (ack wait passed): forget them so they can come again."""
+        if type(h) is not list:
+            raise RemoteProtocolError("EXPIRED must be a list of [sid, tag, id]")
+        for entry in h:
+            if type(entry) is not list or len(entry) != 3:
+                continue
+            sid, tag, mid = entry
+            sub = self._subs.get(sid)
+            if sub is not None:
+                sub._outstanding.discard(tag)
+                sub._seen.discard(mid)
+
+    # -------------------------------------------------------------- dead letters
+    async def _request_dlq(self, op: str, msg_id: str | None, timeout: float) -> Any:
+        self._check_open()
+        req_id = next(self._req_ids)
+        fut = self._loop.create_future()
+        self._requests[req_id] = fut
+        self._channel.send([Kind.DLQ, pack([req_id, op, msg_id])])
+        try:
+            result, error = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no answer to dlq {op} within {timeout} s") from None
+        finally:
+            self._requests.pop(req_id, None)
+        if error:
+            raise MeshqError(error)
+        return result
+
+    async def dlq_list(self, timeout: float = 10.0) -> list[dict]:
+        """This tenant's dead letters on the local agent (summaries, oldest first)."""
+        return await self._request_dlq("list", None, timeout)
+
+    async def dlq_show(self, msg_id: str, timeout: float = 10.0) -> dict:
+        """One dead letter with headers, body (`data`, bytes) and its attempt history."""
+        return await self._request_dlq("show", msg_id, timeout)
+
+    async def dlq_requeue(self, msg_id: str, timeout: float = 10.0) -> dict:
+        """Republish a dead letter to its subject (new id, header meshq-requeued-from) and remove it."""
+        return await self._request_dlq("requeue", msg_id, timeout)
+
+    async def dlq_purge(self, msg_id: str | None = None, timeout: float = 10.0) -> int:
+        """Delete one dead letter, or all of this tenant's; returns how many."""
+        return (await self._request_dlq("purge", msg_id, timeout))["purged"]
 
     def _nack_tags(self, ranges: list, delay: float) -> None:
         self._flush_acks()
@@ -531,6 +605,13 @@ class Client:
                 self._rehello()
             elif code == "auth" and self._welcome is not None and not self._welcome.done():
                 self._welcome.set_exception(AuthorizationError(str(h.get("message", "refused by the agent"))))
+        elif kind == Kind.EXPIRED:
+            self._on_expired(h)
+        elif kind == Kind.DLQOK:
+            if type(h) is list and len(h) == 3 and type(h[0]) is int:
+                fut = self._requests.get(h[0])
+                if fut is not None and not fut.done():
+                    fut.set_result((h[1], h[2]))
         elif kind == Kind.STATUSOK:
             while self._status_waiters:
                 fut = self._status_waiters.popleft()
@@ -579,6 +660,18 @@ class Client:
                 # long silence: the agent may have restarted without our noticing; ask again
                 self._rehello()
                 self._last_heard = time.monotonic()
+
+
+def _with_not_before(headers: Mapping[str, str] | None, delay: float | None, not_before: float | None) -> dict:
+    """Headers plus the reserved meshq-not-before (epoch ms) for a delayed publish."""
+    if delay is not None and not_before is not None:
+        raise ValueError("give delay or not_before, not both")
+    due = time.time() + delay if delay is not None else not_before
+    if not isinstance(due, (int, float)) or due != due:
+        raise ValueError("delay/not_before must be a number of seconds")
+    out = dict(headers or {})
+    out[NOT_BEFORE_HEADER] = str(max(0, int(due * 1000)))
+    return out
 
 
 async def connect(agent: str | None = None, *, creds: str | None = None, name: str = "", timeout: float = 5.0,

@@ -57,11 +57,15 @@ class Kind:
     NACK = b"N"
     STATUS = b"T"
     BYE = b"B"
+    IN_PROGRESS = b"I"  # [[first_tag, last_tag], ...]: still working on these, extend their ack wait
+    DLQ = b"Z"          # [req_id, op, id]: dead-letter request (list, show, requeue, purge)
     # agent -> client
     PUBACK = b"p"
     SUBOK = b"s"
     MSG = b"M"
     STATUSOK = b"t"
+    EXPIRED = b"e"      # [[sid, tag, msg_id], ...]: ack wait passed; these tags are void, the ids come again
+    DLQOK = b"z"        # [req_id, result, error]: answer to a DLQ request
     # agent <-> agent
     DIR = b"D"
     PROOF = b"R"

@@ -236,17 +236,19 @@ class MeshMixin:
                     items = unpack_items(payload)
                 except RemoteProtocolError:
                     continue
-                targets = [self._live_member(stream.tenant, group, item[1], dead) for item in items]
-                if not items or any(t is None for t in targets) or all(i[4] == 1 for i in items):
+                acked = max(0, sender.acked_through + 1 - seq)     # a record's head may be acknowledged already
+                live_items = [i for i in items[acked:] if i[4] != 1]
+                targets = [self._live_member(stream.tenant, group, item[1], dead) for item in live_items]
+                if not live_items or any(t is None for t in targets):
                     continue   # no live member for some message (or already moved): it waits
                 per_stream: dict[StreamKey, list] = {}
-                for item, target in zip(items, targets):
+                for item, target in zip(live_items, targets):
                     per_stream.setdefault(target, []).append(item)
                 for target, lst in per_stream.items():
                     self._enqueue(target, lst)
                 tomb = pack([[i[0], i[1], None, i[3], 1, b""] for i in items])
                 self.store.outbox_put(stream, seq, count, tomb)
-                moved += len(items)
+                moved += len(live_items)
             sender.drop_cache()
         if moved:
             self._count("rerouted_from_dead", moved)

@@ -188,6 +188,14 @@ class StreamSender:
         self.send_pos = self.acked_through + 1
         self.hold_until = now + (self.backoff.next_delay() if delay is None else delay)
 
+    def resized(self, seq: int, size: int) -> None:
+        """The stored record at `seq` was rewritten with `size` bytes (tombstones): keep the accounting right."""
+        if seq in self._limbo:
+            self._limbo[seq] = (self._limbo[seq][0], size)
+        for entry in self._inflight:
+            if entry[0] == seq:
+                entry[3] = size
+
     def drop_cache(self) -> None:
         """Forget cached payloads (the stored records were rewritten); sends reload from the store."""
         self._cache.clear()

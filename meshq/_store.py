@@ -9,7 +9,9 @@ Layout (all keys bytes; ``\\x00`` separates variable-length parts, which may not
 * ``n\\x00<tenant>\\x00<dest>\\x00<lane>`` → ``<seq:8>``: a sender's next sequence number.
 * ``d\\x00<tenant>\\x00<origin>`` → msgpack: directory entries learned from ``origin``.
 * ``m\\x00<name>`` → agent metadata (id, keys…).
-* other single-letter prefixes are reserved for later tables (retained log, dead letters).
+* ``x\x00<tenant>\x00<dlq id>`` → msgpack `DeadLetter`: the tenant's dead letters (id: message id hex).
+* ``y\x00<due_ms:8>\x00<tenant>\x00<msg id:16>`` → item: delayed messages, in due order.
+* other single-letter prefixes are reserved for later tables (retained log).
 
 Writes go into one pending write batch; `commit()` writes it, with fsync when the
 durability mode asks for it and the batch holds something that must survive a crash.
@@ -184,3 +186,41 @@ class Store:
         for key, value in self._db.iterator(prefix=table + b"\x00"):
             tenant, peer, lane = key[2:].split(b"\x00", 2)
             yield tenant.decode(), peer.decode(), lane.decode(), _Q.unpack(value)[0]
+
+    # -- dead letters --------------------------------------------------
+    def dlq_put(self, tenant: str, dlq_id: str, value: bytes) -> None:
+        """Stage a dead letter (durable)."""
+        self.put(b"x\x00" + _part(tenant) + b"\x00" + _part(dlq_id), value, durable=True)
+
+    def dlq_get(self, tenant: str, dlq_id: str) -> bytes | None:
+        return self._db.get(b"x\x00" + _part(tenant) + b"\x00" + _part(dlq_id))
+
+    def dlq_delete(self, tenant: str, dlq_id: str) -> None:
+        self.delete(b"x\x00" + _part(tenant) + b"\x00" + _part(dlq_id))
+
+    def dlq_scan(self, tenant: str) -> Iterator[tuple[str, bytes]]:
+        """Yield (dlq id, value) of a tenant's dead letters, oldest message id first."""
+        prefix = b"x\x00" + _part(tenant) + b"\x00"
+        for key, value in self._db.iterator(prefix=prefix):
+            yield key[len(prefix):].decode(), value
+
+    # -- delayed messages ----------------------------------------------
+    @staticmethod
+    def _delayed_key(due_ms: int, tenant: str, msg_id: bytes) -> bytes:
+        return b"y\x00" + _Q.pack(due_ms) + b"\x00" + _part(tenant) + b"\x00" + msg_id
+
+    def delayed_put(self, due_ms: int, tenant: str, msg_id: bytes, value: bytes) -> None:
+        """Stage a delayed message (durable: it was accepted from a client)."""
+        self.put(self._delayed_key(due_ms, tenant, msg_id), value, durable=True)
+
+    def delayed_delete(self, due_ms: int, tenant: str, msg_id: bytes) -> None:
+        self.delete(self._delayed_key(due_ms, tenant, msg_id))
+
+    def delayed_due(self, now_ms: int | None = None) -> Iterator[tuple[int, str, bytes, bytes]]:
+        """Yield (due_ms, tenant, msg_id, value) in due order (only those due by `now_ms` if given)."""
+        for key, value in self._db.iterator(prefix=b"y\x00"):
+            due = _Q.unpack_from(key, 2)[0]
+            if now_ms is not None and due > now_ms:
+                return
+            tenant, msg_id = key[11:].split(b"\x00", 1)
+            yield due, tenant.decode(), msg_id, value

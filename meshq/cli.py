@@ -159,9 +159,11 @@ def _parse_headers(pairs) -> dict | None:
 @click.option("--count", default=1, show_default=True, type=click.IntRange(min=1),
               help="Publish N messages; {i} in the body becomes 1..N.")
 @click.option("--ttl", type=float, default=None, help="Expire the message(s) after this many seconds.")
+@click.option("--delay", type=click.FloatRange(min=0), default=None,
+              help="Do not deliver before this many seconds from now (kept durably by the agent).")
 @agent_option
 @client_command
-async def pub(subject, body, headers, count, ttl, agent, creds) -> None:
+async def pub(subject, body, headers, count, ttl, delay, agent, creds) -> None:
     """Publish BODY (or stdin) to SUBJECT; exits 0 once the local agent has it durably."""
     hdrs = _parse_headers(headers)
     if body is None:
@@ -176,7 +178,7 @@ async def pub(subject, body, headers, count, ttl, agent, creds) -> None:
         pending: collections.deque = collections.deque()
         for i in range(1, count + 1):
             payload = template.replace("{i}", str(i)).encode() if templated else data
-            pending.append(await mq.publish_async(subject, payload, headers=hdrs, ttl=ttl))
+            pending.append(await mq.publish_async(subject, payload, headers=hdrs, ttl=ttl, delay=delay))
             if len(pending) > 20_000:          # confirmations arrive in order: check the oldest
                 for _ in range(10_000):
                     await pending.popleft()
@@ -204,18 +206,25 @@ def message_json(msg) -> dict:
 @main.command(context_settings=CONTEXT)
 @click.argument("subject")
 @click.option("--group", default=None, help="Join this queue group (one member gets each message).")
+@click.option("--durable", default=None, metavar="NAME",
+              help="Durable subscription: it outlives this command; its messages wait while nobody is attached.")
+@click.option("--ack-wait", type=click.FloatRange(min=0.05), default=None, metavar="SECONDS",
+              help="Redeliver a message not acked within this time (default 30).")
+@click.option("--max-deliver", type=click.IntRange(min=1), default=None, metavar="N",
+              help="After N failed deliveries the message goes to the dead-letter store.")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Exit 0 after N messages.")
 @click.option("--timeout", type=float, default=None, help="Give up after SECONDS (exit 1 if --count not reached).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @agent_option
 @client_command
-async def sub(subject, group, count, timeout, as_json, agent, creds) -> None:
+async def sub(subject, group, durable, ack_wait, max_deliver, count, timeout, as_json, agent, creds) -> None:
     """Subscribe to SUBJECT (wildcards * and >) and print messages; each is acked after printing."""
     deadline = None if timeout is None else time.monotonic() + timeout
     received = 0
     out = sys.stdout
     async with await connect(agent, creds=creds, name="meshq-sub") as mq:
-        subscription = await mq.subscribe(subject, group=group, manual_ack=True)
+        subscription = await mq.subscribe(subject, group=group, durable=durable, ack_wait=ack_wait,
+                                          max_deliver=max_deliver, manual_ack=True)
         while count is None or received < count:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -262,6 +271,81 @@ async def status(as_json, agent, creds) -> None:
         click.echo("counters")
         for k, v in st["counters"].items():
             click.echo(f"  {k:<28} {v}")
+
+
+# ---------------------------------------------------------------- dead letters
+@main.group(context_settings=CONTEXT)
+def dlq() -> None:
+    """The local agent's dead letters for your tenant: list, show, requeue, purge."""
+
+
+def _ms(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) + f".{ms % 1000:03d}" if ms else "-"
+
+
+@dlq.command("list", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of dead letters.")
+@agent_option
+@client_command
+async def dlq_list(as_json, agent, creds) -> None:
+    """List dead letters (id, subject, attempts, last reason)."""
+    async with await connect(agent, creds=creds, name="meshq-dlq") as mq:
+        rows = await mq.dlq_list()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no dead letters")
+    for r in rows:
+        click.echo(f"{r['id']}  {r['subject']:<30} attempts {r['attempts']:<3} {r['last_reason']:<9} dead {_ms(r['dead_ms'])}")
+
+
+@dlq.command("show", context_settings=CONTEXT)
+@click.argument("msg_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON (data as text, or base64).")
+@agent_option
+@client_command
+async def dlq_show(msg_id, as_json, agent, creds) -> None:
+    """Show one dead letter: headers, body and its delivery attempts (agent, time, reason)."""
+    async with await connect(agent, creds=creds, name="meshq-dlq") as mq:
+        d = await mq.dlq_show(msg_id.lower())
+    data = d["data"]
+    try:
+        d["data"] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        d["data"], d["encoding"] = base64.b64encode(data).decode(), "base64"
+    if as_json:
+        click.echo(json.dumps(d, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"id        {d['id']}\nsubject   {d['subject']}\nsub       {d['subscription']}\n"
+               f"dead      {_ms(d['dead_ms'])}\nheaders   {json.dumps(d['headers'])}\ndata      {d['data']}")
+    click.echo("attempts")
+    for a in d["history"]:
+        click.echo(f"  {_ms(a['at_ms'])}  {a['agent']:<24} {a['reason']}")
+
+
+@dlq.command("requeue", context_settings=CONTEXT)
+@click.argument("msg_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@agent_option
+@client_command
+async def dlq_requeue(msg_id, as_json, agent, creds) -> None:
+    """Republish a dead letter to its subject (under a new id) and remove it from the store."""
+    async with await connect(agent, creds=creds, name="meshq-dlq") as mq:
+        r = await mq.dlq_requeue(msg_id.lower())
+    click.echo(json.dumps(r) if as_json else f"requeued {r['id']} to {r['subject']!r} as {r['new_id']}")
+
+
+@dlq.command("purge", context_settings=CONTEXT)
+@click.argument("msg_id", metavar="[ID]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@agent_option
+@client_command
+async def dlq_purge(msg_id, as_json, agent, creds) -> None:
+    """Delete one dead letter, or every one of your tenant's when no ID is given."""
+    async with await connect(agent, creds=creds, name="meshq-dlq") as mq:
+        n = await mq.dlq_purge(msg_id.lower() if msg_id else None)
+    click.echo(json.dumps({"purged": n}) if as_json else f"purged {n} dead letter{'s' if n != 1 else ''}")
 
 
 # ---------------------------------------------------------------- tenant

@@ -60,8 +60,12 @@ class Subscription:
     def nack(self, msg: Message, delay: float = 0.0) -> None:
         self._owner._run(msg.nack(delay))
 
-    def unsubscribe(self) -> None:
-        self._owner._run(self._sub.unsubscribe())
+    def in_progress(self, msg: Message) -> None:
+        """Restart the ack wait of `msg` (still working on it)."""
+        self._owner._run(msg.in_progress())
+
+    def unsubscribe(self, delete: bool = False) -> None:
+        self._owner._run(self._sub.unsubscribe(delete))
 
     def __enter__(self) -> "Subscription":
         return self
@@ -85,13 +89,15 @@ class Client:
         return self._lt.run(coro, timeout)
 
     def publish(self, subject: str, data: bytes = b"", *, headers: Mapping[str, str] | None = None,
-                ttl: float | None = None, block: float | None = 30.0) -> bytes:
+                ttl: float | None = None, block: float | None = 30.0, delay: float | None = None,
+                not_before: float | None = None) -> bytes:
         """Publish; returns the message id once durable.  Over a rate quota it waits (backpressure)
         up to `block` seconds before raising QuotaExceeded (`block=None` or 0: raise at once)."""
         deadline = time.monotonic() + (block or 0)
         while True:
             try:
-                return self._run(self._client.publish(subject, data, headers=headers, ttl=ttl))
+                return self._run(self._client.publish(subject, data, headers=headers, ttl=ttl, delay=delay,
+                                                      not_before=not_before))
             except QuotaExceeded as e:
                 wait = e.retry_after
                 if not block or wait is None or time.monotonic() + wait > deadline:
@@ -109,10 +115,23 @@ class Client:
             return n
         return self._run(go())
 
-    def subscribe(self, subject: str, *, group: str | None = None, manual_ack: bool = False) -> Subscription:
+    def subscribe(self, subject: str, *, group: str | None = None, manual_ack: bool = False, **options) -> Subscription:
+        """Subscribe (options as in the async client: durable, filter, ack_wait, max_deliver)."""
         async def go():
-            return await self._client.subscribe(subject, group=group, manual_ack=manual_ack)
+            return await self._client.subscribe(subject, group=group, manual_ack=manual_ack, **options)
         return Subscription(self, self._run(go()))
+
+    def dlq_list(self) -> list[dict]:
+        return self._run(self._client.dlq_list())
+
+    def dlq_show(self, msg_id: str) -> dict:
+        return self._run(self._client.dlq_show(msg_id))
+
+    def dlq_requeue(self, msg_id: str) -> dict:
+        return self._run(self._client.dlq_requeue(msg_id))
+
+    def dlq_purge(self, msg_id: str | None = None) -> int:
+        return self._run(self._client.dlq_purge(msg_id))
 
     def status(self) -> dict:
         return self._run(self._client.status())
