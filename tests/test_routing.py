@@ -189,3 +189,64 @@ def test_cli_req_reply_and_dir(agents):
         if server.poll() is None:
             server.kill()
         server.wait()
+
+
+@pytest.mark.timeout(60)
+def test_agent_restarts_with_its_last_directory_view(agents):
+    """The directory is persisted: a restarted agent alone still routes to the subscriptions it last saw."""
+    async def main():
+        a = agents.start("a")
+        b = agents.start("b", peers=[a.peer_endpoint])
+        async with await meshq.connect(b.client_endpoint) as sb:
+            await sb.subscribe("persist.x")
+            async with await meshq.connect(a.client_endpoint) as pa:
+                await _wait_dir(pa, lambda es: "persist.x" in {e.get("subject") for e in es}, what="b's subscription")
+        b.kill()
+        assert a.stop() == 0
+        a2 = agents.start("a2", data_dir=a.data_dir)
+        async with await meshq.connect(a2.client_endpoint) as pa:
+            entries = (await pa.directory())["entries"]
+            assert any(e.get("subject") == "persist.x" and e["state"] != "self" for e in entries)
+            await pa.publish("persist.x", b"kept")
+            st = await pa.status()
+            assert st["outbox"]["messages"] == 1 and _counter(st, "dropped_no_subscriber") == 0
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_malformed_request_and_directory_frames_are_dropped_and_counted(agents):
+    """Bounded, typed decoding of REQ / RESPOND / DIRQ from a raw client: dropped, counted, agent keeps serving."""
+    import msgpack
+    import zmq
+    from meshq._envelope import Kind
+
+    async def main():
+        a = agents.start("a")
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.connect(a.client_endpoint)
+            sock.send_multipart([Kind.HELLO, msgpack.packb({"v": 1, "name": "raw"})])
+            assert sock.poll(5000)
+            sock.recv_multipart()
+            item = [os.urandom(16), "svc.x", None, 1, None, b""]
+            for frames in ([Kind.REQ, msgpack.packb([1, 1000])],
+                           [Kind.REQ, msgpack.packb(["1", 1000]), msgpack.packb([item])],
+                           [Kind.REQ, msgpack.packb([1, 10 ** 12]), msgpack.packb([item])],
+                           [Kind.REQ, msgpack.packb([1, 1000]), msgpack.packb([item, item])],
+                           [Kind.RESPOND, msgpack.packb({"to": "nonsense"}), msgpack.packb([item])],
+                           [Kind.RESPOND, msgpack.packb({"to": "a.zz.1"}), msgpack.packb([item])],
+                           [Kind.RESPOND, msgpack.packb({"to": 5}), b"\xc1"]):
+                sock.send_multipart(frames)
+            sock.send_multipart([Kind.REQ, msgpack.packb([7, 1000]), msgpack.packb([item])])   # well formed
+            assert sock.poll(5000)
+            kind, header, *_ = sock.recv_multipart()
+            assert kind == Kind.PUBACK and msgpack.unpackb(header)[2][0][2] == "no-responders"
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+        async with await meshq.connect(a.client_endpoint) as mq:
+            st = await mq.status()
+            assert _counter(st, "dropped_client_frames") == 7
+            assert (await mq.directory())["tenant"] == "default"
+    asyncio.run(main())
