@@ -231,7 +231,7 @@ class DirectoryMixin:
                 row["state"] = "self"
             else:
                 p = self.peers.get(e.origin)
-                row["state"] = ("unknown" if p is None else
-                                ("alive" if p.up and (p.liveness is None or p.liveness.state(now) != "dead") else "down"))
+                dead = p is not None and p.liveness is not None and p.liveness.state(now) == "dead"
+                row["state"] = "unknown" if p is None else "dead" if dead else "alive" if p.up else "connecting"
             rows.append(row)
         return {"tenant": tenant, "agent": self.agent_id, "name": self.name, "versions": d.versions(), "entries": rows}
