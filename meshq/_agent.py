@@ -38,10 +38,13 @@ from ._auth import (
     ClientGrant, MembershipHandshake, RateLimitedLog, RateLimiter, TenantSecret, load_tenant_files, verify_token,
 )
 from ._envelope import Kind, header_field, pack, unpack_header, unpack_items
-from ._errors import AuthorizationError, BadSubjectError, MeshqError, RemoteProtocolError
 from ._deadletter import TOMBSTONE_EXPIRY, not_before_ms
+from ._dirsync import DirectoryMixin
+from ._errors import AuthorizationError, BadFilterError, BadSubjectError, MeshqError, RemoteProtocolError
+from ._filter import parse_filter
 from ._mesh import MeshMixin
 from ._protocol import InboundStream, Liveness, StreamSender
+from ._requests import RequestMixin
 from ._semantics import SemanticsMixin
 from ._store import Store, StreamKey
 from ._subject import SubjectIndex, validate_pattern, validate_subject
@@ -91,6 +94,7 @@ class SubSpec:
     filter: str | None = None         # header filter, evaluated where the message is published
     ack_wait: float | None = None     # seconds before an unacked message is redelivered
     max_deliver: int | None = None    # deliveries before the message goes to the dead-letter store
+    service: bool = False             # a responder (serve()): also announced as a Service in the directory
 
     @classmethod
     def from_header(cls, h: Any) -> "SubSpec":
@@ -102,6 +106,7 @@ class SubSpec:
             header_field(h, "filter", (str, type(None)), None),
             header_field(h, "ack_wait", (int, float, type(None)), None),
             header_field(h, "max_deliver", (int, type(None)), None),
+            header_field(h, "service", bool, False),
         )
         validate_pattern(spec.pattern)
         for what, name in (("queue group", spec.group), ("durable", spec.durable)):
@@ -109,6 +114,8 @@ class SubSpec:
                 raise BadSubjectError(f"{what} names are 1..128 characters without NUL")
         if spec.filter is not None and len(spec.filter) > 1024:
             raise BadSubjectError("filters are limited to 1024 characters")
+        if spec.filter is not None:
+            parse_filter(spec.filter)         # BadFilterError names the bad clause
         if spec.ack_wait is not None and not 0.05 <= spec.ack_wait <= 86400:
             raise BadSubjectError("ack_wait must be between 0.05 s and a day")
         if spec.max_deliver is not None and not 1 <= spec.max_deliver <= 1_000_000:
@@ -117,7 +124,7 @@ class SubSpec:
 
     def to_dict(self) -> dict:
         return {"subject": self.pattern, "group": self.group, "durable": self.durable, "filter": self.filter,
-                "ack_wait": self.ack_wait, "max_deliver": self.max_deliver}
+                "ack_wait": self.ack_wait, "max_deliver": self.max_deliver, "service": self.service}
 
 
 @dataclass(eq=False)
@@ -192,7 +199,7 @@ class Peer:
     ping_at: float = 0.0
 
 
-class Agent(MeshMixin, SemanticsMixin):
+class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
     """A meshq agent; `run()` serves until `stop()` (thread-safe) or a signal."""
 
     def __init__(self, config: AgentConfig) -> None:
@@ -242,10 +249,9 @@ class Agent(MeshMixin, SemanticsMixin):
         self.clients: dict[bytes, ClientConn] = {}
         self.local_subs: dict[tuple[bytes, int], LocalSub] = {}
         self._local_index: dict[str, SubjectIndex] = {}
-        self._dir_version = int(self.store.get_meta("dirver") or b"0")
         self._dir_dirty = False
-        self._remote_dir: dict[str, dict[str, tuple[int, list]]] = {}   # tenant -> origin -> (ver, entries)
-        self._routes: dict[str, SubjectIndex] = {}
+        self._dir_init()
+        self._req_init()
         self._route_cache: dict[tuple[str, str], tuple] = {}
         self._local_cache: dict[tuple[str, str, str], list] = {}
         self._pubacks: list[tuple[bytes, list]] = []
@@ -285,13 +291,6 @@ class Agent(MeshMixin, SemanticsMixin):
                 self._new_sender(stream, v, v - 1)
         for t, p, l, w in self.store.seqs(SEQ_WATERMARK):
             self.inbound[(t, p, l)] = InboundStream(w)
-        for key, value in self.store.scan(b"d\x00"):
-            _, tenant, origin = key.split(b"\x00", 2)
-            try:
-                version, entries = env.unpack_header(value)
-                self._remote_dir.setdefault(tenant.decode(), {})[origin.decode()] = (version, entries)
-            except (RemoteProtocolError, ValueError):
-                self._count("store_bad_directory")
         for key, value in self.store.scan(b"l\x00"):
             try:
                 saved = unpack_header(value)
@@ -302,8 +301,7 @@ class Agent(MeshMixin, SemanticsMixin):
                 self._count("store_bad_subscription")
                 continue
             self._add_local_sub(sub)
-        for tenant in set(self._remote_dir) | {s.tenant for s in self.local_subs.values()}:
-            self._rebuild_routes(tenant)
+        self._dir_load(now)
 
     def _new_sender(self, stream: StreamKey, next_seq: int, acked: int) -> StreamSender:
         sender = StreamSender(next_seq, acked, window_msgs=self.config.window_msgs,
@@ -395,6 +393,8 @@ class Agent(MeshMixin, SemanticsMixin):
             self._pubacks.clear()
         if self._dir_dirty:
             self._announce()
+        if self._dir_save:
+            self._dir_save_now()
         self._pump(now)
         if now >= self._next_timer:
             self._timers(now)
@@ -468,6 +468,12 @@ class Agent(MeshMixin, SemanticsMixin):
             self.sockets.send(self.sockets.clients, [ident, Kind.HEARTBEAT, pack({"instance": self.instance})])
         elif kind == Kind.STATUS:
             self.sockets.send(self.sockets.clients, [ident, Kind.STATUSOK, pack(self.status(conn.tenant))])
+        elif kind == Kind.REQ:
+            self._client_req(conn, frames)
+        elif kind == Kind.RESPOND:
+            self._client_respond(conn, frames)
+        elif kind == Kind.DIRQ:
+            self.sockets.send(self.sockets.clients, [ident, Kind.DIRQOK, pack({}), pack(self.dir_listing(conn.tenant))])
         elif kind == Kind.BYE:
             self._drop_client(conn, graceful=True)
         else:
@@ -511,8 +517,8 @@ class Agent(MeshMixin, SemanticsMixin):
             spec = SubSpec.from_header(header)
             if conn.grant is not None:
                 conn.grant.check_subscribe(spec.pattern)
-        except (BadSubjectError, AuthorizationError) as e:
-            code = "forbidden" if isinstance(e, AuthorizationError) else "bad-subject"
+        except (BadSubjectError, BadFilterError, AuthorizationError) as e:
+            code = "forbidden" if isinstance(e, AuthorizationError) else "bad-filter" if isinstance(e, BadFilterError) else "bad-subject"
             self._count("subscribe_refused", tenant=conn.tenant)
             self.sockets.send(self.sockets.clients, [conn.ident, Kind.SUBOK, pack({"sid": sid, "error": str(e), "code": code})])
             return
@@ -702,7 +708,11 @@ class Agent(MeshMixin, SemanticsMixin):
             if expires is not None and expires <= now_ms:
                 expired += 1
                 continue
-            plain, groups = route
+            plain, groups, filt = route
+            if filt:
+                plain, groups = self._filtered(tenant, item, route)
+                if not plain and not groups:
+                    continue        # every subscriber's filter said no: counted as filtered_out
             if not plain and not groups:
                 unrouted += 1
                 continue
@@ -737,21 +747,66 @@ class Agent(MeshMixin, SemanticsMixin):
         self._touched.add(stream)
 
     def _compute_route(self, tenant: str, subject: str) -> tuple:
-        index = self._routes.get(tenant)
-        matched = index.match(subject) if index is not None else set()
-        plain = sorted({(agent, lane) for agent, group, lane in matched if group is None})
-        groups: dict[str, list] = {}
-        for agent, group, _lane in matched:
-            if group is not None:
-                groups.setdefault(group, []).append(agent)
-        route = (
-            tuple(StreamKey(tenant, a, lane) for a, lane in plain),
-            tuple((g, tuple(StreamKey(tenant, a, "g:" + g) for a in sorted(set(c)))) for g, c in sorted(groups.items())),
-        )
+        """(plain streams, ((group, member streams), ...), filtered) for `subject`, from the directory (cached).
+
+        Plain subscriptions go to lane "" of their agent, durable ones to lane "d:<durable>", queue
+        groups to lane "g:<group>" (or "d:<durable>") of one member.  `filtered` holds destinations
+        whose every subscription has a header filter: ("s", stream, filters) and
+        ("g", group, members, per-member filters or None); `_filtered` evaluates them per message.
+        """
+        d = self._dirs.get(tenant)
+        streams: dict[StreamKey, list | None] = {}          # None: some subscription takes everything
+        groups: dict[str, dict[StreamKey, list | None]] = {}
+        for e in (d.subscriptions_matching(subject) if d is not None else ()):
+            v = e.value
+            if v.queue is None:
+                target = streams
+                stream = StreamKey(tenant, e.origin, "d:" + v.durable if v.durable else "")
+            else:
+                target = groups.setdefault(v.queue, {})
+                stream = StreamKey(tenant, e.origin, "d:" + v.durable if v.durable else "g:" + v.queue)
+            if v.filter is None:
+                target[stream] = None
+            elif stream not in target:
+                target[stream] = [v.parsed_filter]
+            elif target[stream] is not None:
+                target[stream].append(v.parsed_filter)
+        plain = tuple(s for s in sorted(streams) if streams[s] is None)
+        filt = [("s", s, tuple(streams[s])) for s in sorted(streams) if streams[s] is not None]
+        grouped = []
+        for g, members in sorted(groups.items()):
+            cands = tuple(sorted(members))
+            if all(members[c] is None for c in cands):
+                grouped.append((g, cands))
+            else:
+                filt.append(("g", g, cands, tuple(None if members[c] is None else tuple(members[c]) for c in cands)))
+        route = (plain, tuple(grouped), tuple(filt))
         if len(self._route_cache) > 10_000:
             self._route_cache.clear()
         self._route_cache[(tenant, subject)] = route
         return route
+
+    def _filtered(self, tenant: str, item: list, route: tuple, count: bool = True) -> tuple[list, list]:
+        """The plain streams and groups of `route` whose header filters take `item`; counts the rest as filtered_out."""
+        plain, groups, filt = route
+        plain, groups = list(plain), list(groups)
+        headers = item[2]
+        out = 0
+        for f in filt:
+            if f[0] == "s":
+                if any(x.matches(headers) for x in f[2]):
+                    plain.append(f[1])
+                else:
+                    out += 1
+            else:
+                members = tuple(c for c, fl in zip(f[2], f[3]) if fl is None or any(x.matches(headers) for x in fl))
+                if members:
+                    groups.append((f[1], members))
+                else:
+                    out += 1
+        if out and count:
+            self._count("filtered_out", out, tenant=tenant)
+        return plain, groups
 
     def _pick_member(self, tenant: str, group: str, candidates: tuple) -> StreamKey:
         """Least outstanding first among the agents that have members of the group."""
@@ -859,6 +914,7 @@ class Agent(MeshMixin, SemanticsMixin):
             if targets is None:
                 hold = seq
                 break
+            if targets and self._filters_local: targets = [t for t in targets if self._filter_accepts(t, item)]  # noqa: E701
             if not targets:
                 st.finish(seq)
                 dropped += 1
@@ -1050,7 +1106,11 @@ class Agent(MeshMixin, SemanticsMixin):
             h = unpack_header(frames[2])
             self.sockets.send(self.sockets.peers, [ident, Kind.HEARTBEAT, pack({"instance": self.instance, "t": header_field(h, "t", float, 0.0)})])
         elif kind == Kind.DIR:
-            self._on_dir(peer, unpack_header(frames[2]))
+            if len(frames) != 4:
+                raise RemoteProtocolError("DIR needs header and body")
+            self._on_dir(peer, unpack_header(frames[2]), frames[3])
+        elif kind == Kind.PEER_REPLY:
+            self._on_peer_reply(peer, frames)
         elif kind == Kind.PROOF:
             self._peer_proof(peer, unpack_header(frames[2]), now)
         elif kind == Kind.BYE:
@@ -1228,75 +1288,14 @@ class Agent(MeshMixin, SemanticsMixin):
             if stream.dest == peer.agent_id:
                 sender.rewind(now, 0.0)
         self._route_cache.clear()
-        self._dir_dirty = True
+        self._dir_linked(peer)
         self._mesh_linked(peer, now)
         log.info("linked to %s (%s) at %s", peer.name, peer.agent_id, peer.endpoint)
 
-    # ------------------------------------------------------------------ directory (first form)
-    def _local_entries(self, tenant: str) -> list:
-        return sorted({(s.pattern, s.group or "", s.spec.durable or "") for s in self.local_subs.values() if s.tenant == tenant})
-
+    # ------------------------------------------------------------------ directory (see _dirsync)
     def served_tenants(self) -> set[str]:
         """The tenants this agent serves."""
         return set(self.tenants) | ({DEFAULT_TENANT} if self.open else set())
-
-    def _announce(self) -> None:
-        """Tell every linked agent our subscriptions (a versioned snapshot per tenant it proved)."""
-        self._dir_dirty = False
-        tenants = self.served_tenants()
-        changed = False
-        for tenant in tenants:
-            entries = [list(e) for e in self._local_entries(tenant)]
-            stored = self._remote_dir.setdefault(tenant, {}).get(self.agent_id)
-            if stored is None or stored[1] != entries:
-                self._dir_version += 1
-                self._remote_dir[tenant][self.agent_id] = (self._dir_version, entries)
-                changed = True
-                self._rebuild_routes(tenant)
-        if changed:
-            self.store.put_meta("dirver", str(self._dir_version).encode(), durable=False)
-        for peer in self.peers.values():
-            if not peer.up or peer.dealer is None:
-                continue
-            for tenant in tenants & peer.out_tenants:
-                version, entries = self._remote_dir[tenant][self.agent_id]
-                if peer.dir_sent.get(tenant) != version:
-                    if self.sockets.send(peer.dealer.sock, [Kind.DIR, pack({"tenant": tenant, "version": version, "subs": entries})]):
-                        peer.dir_sent[tenant] = version
-
-    def _on_dir(self, peer: Peer, h: Any) -> None:
-        origin = peer.agent_id
-        tenant = header_field(h, "tenant", str)
-        version = header_field(h, "version", int)
-        subs = header_field(h, "subs", list)
-        if tenant not in peer.in_tenants:
-            self._count("dropped_unproven_tenant")
-            return
-        entries = []
-        for e in subs[:10_000]:
-            if (type(e) is not list or len(e) not in (2, 3) or type(e[0]) is not str or type(e[1]) is not str
-                    or (len(e) == 3 and type(e[2]) is not str)):
-                raise RemoteProtocolError("directory entry must be [pattern, group, durable]")
-            validate_pattern(e[0])
-            entries.append([e[0], e[1], e[2] if len(e) == 3 else ""])
-        known = self._remote_dir.setdefault(tenant, {}).get(origin)
-        if known is not None and known[0] >= version and known[1] == entries:
-            return
-        self._remote_dir[tenant][origin] = (version, entries)
-        self.store.put(b"d\x00" + tenant.encode() + b"\x00" + origin.encode(), pack([version, entries]))
-        self._rebuild_routes(tenant)
-
-    def _rebuild_routes(self, tenant: str) -> None:
-        index: SubjectIndex = SubjectIndex()
-        local = self._local_entries(tenant)
-        views = dict(self._remote_dir.get(tenant, {}))
-        views[self.agent_id] = (0, [list(e) for e in local])
-        for origin, (_v, entries) in views.items():
-            for e in entries:
-                durable = e[2] if len(e) > 2 else ""
-                index.add(e[0], (origin, None, "d:" + durable) if durable else (origin, e[1] or None, ""))
-        self._routes[tenant] = index
-        self._route_cache.clear()
 
     # ------------------------------------------------------------------ timers
     def _timers(self, now: float) -> None:
@@ -1322,6 +1321,8 @@ class Agent(MeshMixin, SemanticsMixin):
                         sender.rewind(now, 0.0)
                 self._route_cache.clear()
         self._mesh_dead(died, now)
+        self._dir_timers(now)
+        self._req_timers(now)
         for sender in self.senders.values():
             sender.check_timeout(now)
         self._ack_timers(now)
@@ -1354,7 +1355,7 @@ class Agent(MeshMixin, SemanticsMixin):
                 "state": ("alive" if p.up else "connecting") if p.liveness is None or not p.up else p.liveness.state(now),
                 "last_heard": None if p.liveness is None else round(now - p.liveness.last_heard, 3),
                 "rtt_ms": None if p.rtt is None else round(p.rtt * 1000, 3),
-                "subscriptions": len(self._remote_dir.get(tenant, {}).get(p.agent_id, (0, []))[1]),
+                "subscriptions": self.dir_subscriptions(tenant, p.agent_id),
                 "serves_tenant": tenant in p.out_tenants,
             } for p in sorted(self.peers.values(), key=lambda p: p.agent_id)],
             "tenant": tenant,

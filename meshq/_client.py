@@ -19,10 +19,10 @@ from types import MappingProxyType
 from typing import Any, AsyncIterator, Mapping
 
 from . import _envelope as env
-from ._envelope import Kind, make_item, pack, unpack_header, unpack_items
+from ._envelope import Kind, make_item, pack, unpack_bulk, unpack_header, unpack_items
 from ._auth import load_token_file
 from ._errors import (
-    AuthorizationError, BadSubjectError, ConnectionClosedError, MeshqError, NoRespondersError, QuotaExceeded,
+    AuthorizationError, BadFilterError, BadSubjectError, ConnectionClosedError, MeshqError, NoRespondersError, QuotaExceeded,
     RemoteProtocolError, TimeoutError,
 )
 from ._deadletter import NOT_BEFORE_HEADER
@@ -31,6 +31,8 @@ from ._subject import validate_pattern, validate_subject
 from ._transport import ClientChannel, default_client_endpoint
 
 DEFAULT_DATA_DIR = os.path.expanduser("~/.meshq")
+REPLY_HEADER = "_reply"          # set by the agent on requests: where respond() sends the answer
+SERVE_GROUP = "_responders"      # the queue group serve() joins unless given one
 MAX_BATCH_ITEMS = 1000
 MAX_BATCH_BYTES = 1 << 20
 HEARTBEAT_INTERVAL = 1.0
@@ -73,6 +75,18 @@ class Message(tuple):
         """Still working on it: restart the subscription's ack wait for this message."""
         self[7]._in_progress(self)
 
+    @property
+    def reply(self) -> str | None:
+        """The reply address of a request (None for a plain message)."""
+        return self[2].get(REPLY_HEADER)
+
+    async def respond(self, data: bytes = b"", *, headers: Mapping[str, str] | None = None) -> None:
+        """Answer this request (replies go straight to the requester's agent; they are not durable)."""
+        to = self.reply
+        if to is None:
+            raise MeshqError("this message is not a request: it has no reply address")
+        self[7]._respond(to, self[1], data, headers)
+
     def __repr__(self) -> str:
         return f"Message(subject={self[1]!r}, data={self[3][:40]!r}, id={self[0].hex()}, redelivered={self[4]})"
 
@@ -104,7 +118,7 @@ def _reject_error(code: str, text: str, retry_after: float | None = None) -> Mes
     """The typed error for an agent's refusal code."""
     if code == "quota":
         return QuotaExceeded(text, retry_after)
-    return {"bad-subject": BadSubjectError, "forbidden": AuthorizationError, "auth": AuthorizationError,
+    return {"bad-subject": BadSubjectError, "bad-filter": BadFilterError, "forbidden": AuthorizationError, "auth": AuthorizationError,
             "no-responders": NoRespondersError}.get(code, MeshqError)(text)
 
 
@@ -242,6 +256,9 @@ class Client:
         self._req_ids = itertools.count(1)
         self._welcome: asyncio.Future | None = None
         self._status_waiters: collections.deque = collections.deque()
+        self._dir_waiters: collections.deque = collections.deque()
+        self._requests: dict[int, asyncio.Future] = {}
+        self._req_ids = itertools.count(1)
         self._agent_instance = ""
         self._hello_at = 0.0
         self._last_heard = time.monotonic()
@@ -293,6 +310,10 @@ class Client:
         for sub in self._subs.values():
             sub._closed = True
             sub._push([])
+        for fut in self._requests.values():
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()
         await asyncio.sleep(0)
         self._channel.close()
 
@@ -381,6 +402,12 @@ class Client:
     def _on_puback(self, h: Any) -> None:
         if type(h) is not list or len(h) != 3 or type(h[0]) is not int:
             raise RemoteProtocolError("PUBACK must be [batch_id, accepted, rejects]")
+        if h[0] < 0:                          # the fate of a request (negative request id)
+            fut = self._requests.get(-h[0])
+            if h[2] and fut is not None and not fut.done():
+                first = h[2][0]
+                fut.set_exception(_reject_error(str(first[2]), str(first[3]), first[4] if len(first) > 4 else None))
+            return
         batch = self._inflight.pop(h[0], None)
         if batch is None:
             return
@@ -391,10 +418,68 @@ class Client:
         if self._inflight_msgs < self.max_pending:
             self._room.set()
 
+    # -------------------------------------------------------------- request/reply
+    async def request(self, subject: str, data: bytes = b"", *, timeout: float = 5.0,
+                      headers: Mapping[str, str] | None = None) -> Message:
+        """Send a request and return the first reply; NoRespondersError at once, TimeoutError after `timeout` s."""
+        self._check_open()
+        validate_subject(subject)
+        if not 0 < timeout <= 3600:
+            raise ValueError("timeout must be between 0 and 3600 seconds")
+        now_ns = time.time_ns()
+        created = now_ns // 1_000_000
+        item = make_item(self._ids.next(now_ns), subject, headers, created, created + int(timeout * 1000), data)
+        req_id = next(self._req_ids)
+        fut = self._loop.create_future()
+        self._requests[req_id] = fut
+        try:
+            self._channel.send([Kind.REQ, pack([req_id, max(1, int(timeout * 1000))]), pack([item])])
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no reply to the request on {subject!r} within {timeout} s") from None
+        finally:
+            self._requests.pop(req_id, None)
+
+    def serve(self, subject: str, *, group: str | None = None, manual_ack: bool = False,
+              max_pending: int = 100_000) -> Subscription:
+        """Serve requests on `subject`: a queue-group subscription (default group "_responders", so one
+        responder answers each request); answer with `await msg.respond(data)`."""
+        return self.subscribe(subject, group=group or SERVE_GROUP, manual_ack=manual_ack,
+                              max_pending=max_pending, _service=True)
+
+    def _respond(self, to: str, subject: str, data: bytes, headers) -> None:
+        self._check_open()
+        now_ns = time.time_ns()
+        item = make_item(self._ids.next(now_ns), subject, headers, now_ns // 1_000_000, None, data)
+        self._channel.send([Kind.RESPOND, pack({"to": to}), pack([item])])
+
+    def _on_reply(self, h: Any, payload: bytes) -> None:
+        if type(h) is not list or len(h) != 1 or type(h[0]) is not int:
+            raise RemoteProtocolError("REPLY header must be [req_id]")
+        fut = self._requests.get(h[0])
+        items = unpack_items(payload)
+        if fut is None or fut.done() or len(items) != 1:
+            return
+        item = items[0]
+        headers = item[2]
+        fut.set_result(Message((item[0], item[1], MappingProxyType(headers) if headers else _EMPTY, item[5],
+                                False, item[3], item[4], self, None, 0, self._epoch)))
+
+    async def directory(self, timeout: float = 5.0) -> dict:
+        """The tenant's directory as the local agent sees it (entries of every agent, versions)."""
+        self._check_open()
+        fut = self._loop.create_future()
+        self._dir_waiters.append(fut)
+        self._channel.send([Kind.DIRQ, pack({})])
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"agent directory not received within {timeout} s") from None
+
     # -------------------------------------------------------------- subscribing
     def subscribe(self, subject: str, *, group: str | None = None, durable: str | None = None,
                   filter: str | None = None, manual_ack: bool = False, ack_wait: float | None = None,
-                  max_deliver: int | None = None, max_pending: int = 100_000) -> Subscription:
+                  max_deliver: int | None = None, max_pending: int = 100_000, _service: bool = False) -> Subscription:
         """Subscribe to a subject pattern; `await` it to confirm, `async for` it to read.
 
         `group`: share the messages with the other members of a queue group; `durable`: keep
@@ -406,6 +491,8 @@ class Client:
         sid = next(self._sids)
         options = {k: v for k, v in (("durable", durable), ("filter", filter), ("ack_wait", ack_wait),
                                      ("max_deliver", max_deliver)) if v is not None}
+        if _service:
+            options["service"] = True
         sub = Subscription(self, sid, subject, group, manual_ack, max_pending, options)
         self._subs[sid] = sub
         self._send_sub(sub)
@@ -456,7 +543,7 @@ class Client:
 
     def _ack(self, msg: Message) -> None:
         sub, tag, epoch = msg[8], msg[9], msg[10]
-        if epoch != self._epoch or tag not in sub._outstanding:
+        if sub is None or epoch != self._epoch or tag not in sub._outstanding:
             return
         sub._outstanding.discard(tag)
         self._acks.append(tag)
@@ -467,7 +554,7 @@ class Client:
 
     def _nack(self, msg: Message, delay: float) -> None:
         sub, tag, epoch = msg[8], msg[9], msg[10]
-        if epoch != self._epoch or tag not in sub._outstanding:
+        if sub is None or epoch != self._epoch or tag not in sub._outstanding:
             return
         sub._outstanding.discard(tag)
         if sub._last is msg:
@@ -582,6 +669,17 @@ class Client:
         kind = frames[0]
         if kind == Kind.MSG and len(frames) == 3:
             self._on_msg(unpack_header(frames[1]), frames[2])
+            return
+        if kind == Kind.REPLY and len(frames) == 3:
+            self._on_reply(unpack_header(frames[1]), frames[2])
+            return
+        if kind == Kind.DIRQOK and len(frames) == 3:
+            listing = unpack_bulk(frames[2])
+            while self._dir_waiters:
+                fut = self._dir_waiters.popleft()
+                if not fut.done():
+                    fut.set_result(listing)
+                    break
             return
         h = unpack_header(frames[1])
         if kind == Kind.PUBACK:

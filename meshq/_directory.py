@@ -286,6 +286,10 @@ class Directory:
         e = self._state.get(origin, {}).get(key)
         return e if isinstance(e, Entry) else None
 
+    def own(self) -> dict[str, Value]:
+        """This agent's own live entries: key -> value."""
+        return {k: e.value for k, e in self._state.get(self.self_id, {}).items() if isinstance(e, Entry)}
+
     def entries(self, kind: str | None = None) -> Iterator[Entry]:
         """Every live entry (optionally of one kind), own ones included."""
         for slots in self._state.values():

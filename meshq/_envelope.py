@@ -76,6 +76,14 @@ class Kind:
     PEERS = b"L"        # [[agent_id, endpoint, pubkey], ...]: the agents the sender is linked to
     PROBE = b"Q"        # {target}: do you still hear this agent?
     PROBE_ACK = b"q"    # {target, ago}: seconds since I last heard it (nil: I do not)
+    # directory sync and request/reply (see _dirsync, _requests)
+    # DIR (agent -> agent): [DIR, {"t": tenant, "op": "ask"|"delta"}, bulk(versions map | directory segments)]
+    REQ = b"Y"          # client -> agent: [REQ, [req_id, timeout_ms], items(one item)]
+    RESPOND = b"y"      # client -> agent: [RESPOND, {"to": reply address}, items(one item)]
+    REPLY = b"o"        # agent -> client: [REPLY, [req_id], items(one item)]
+    PEER_REPLY = b"O"   # agent -> agent: [PEER_REPLY, [tenant, session_hex, req_id], items(one item)]
+    DIRQ = b"G"         # client -> agent: [DIRQ, {}]
+    DIRQOK = b"g"       # agent -> client: [DIRQOK, {}, bulk(listing)]
 
 
 _packer = msgpack.Packer(use_bin_type=True)
@@ -100,6 +108,22 @@ def unpack_header(data: bytes) -> Any:
         )
     except Exception as e:  # msgpack raises a zoo of types for bad input
         raise RemoteProtocolError(f"malformed header: {type(e).__name__}") from None
+
+
+MAX_BULK_BYTES = 16 * 1024 * 1024   # a directory snapshot or listing
+
+
+def unpack_bulk(data: bytes, limit: int = MAX_BULK_BYTES) -> Any:
+    """Decode a bulk control frame (directory sync, listings), bounded; malformed input raises RemoteProtocolError."""
+    if len(data) > limit:
+        raise RemoteProtocolError(f"bulk frame of {len(data)} bytes exceeds {limit}")
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True,
+            max_array_len=MAX_BATCH_ITEMS, max_map_len=MAX_BATCH_ITEMS,
+        )
+    except Exception as e:
+        raise RemoteProtocolError(f"malformed bulk frame: {type(e).__name__}") from None
 
 
 def unpack_items(payload: bytes) -> list:

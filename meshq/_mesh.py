@@ -256,8 +256,9 @@ class MeshMixin:
 
     def _live_member(self, tenant: str, group: str, subject: str, dead: str) -> StreamKey | None:
         """The stream of a live member of `group` for `subject` other than `dead`, or None."""
-        plain, groups = self._compute_route(tenant, subject)
-        candidates = next((c for g, c in groups if g == group), ())
+        _plain, groups, filt = self._compute_route(tenant, subject)
+        candidates = next((c for g, c in groups if g == group), ()) or next(
+            (f[2] for f in filt if f[0] == "g" and f[1] == group), ())
         live = tuple(c for c in candidates if c.dest != dead and (
             c.dest == self.agent_id or ((p := self.peers.get(c.dest)) is not None and p.up)))
         if not live:

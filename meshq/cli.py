@@ -212,19 +212,21 @@ def message_json(msg) -> dict:
               help="Redeliver a message not acked within this time (default 30).")
 @click.option("--max-deliver", type=click.IntRange(min=1), default=None, metavar="N",
               help="After N failed deliveries the message goes to the dead-letter store.")
+@click.option("--filter", "filter_", default=None, metavar="EXPR",
+              help="Only messages whose headers match, e.g. 'region=eu,priority>=5' (docs/filters.md).")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Exit 0 after N messages.")
 @click.option("--timeout", type=float, default=None, help="Give up after SECONDS (exit 1 if --count not reached).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @agent_option
 @client_command
-async def sub(subject, group, durable, ack_wait, max_deliver, count, timeout, as_json, agent, creds) -> None:
+async def sub(subject, group, durable, ack_wait, max_deliver, filter_, count, timeout, as_json, agent, creds) -> None:
     """Subscribe to SUBJECT (wildcards * and >) and print messages; each is acked after printing."""
     deadline = None if timeout is None else time.monotonic() + timeout
     received = 0
     out = sys.stdout
     async with await connect(agent, creds=creds, name="meshq-sub") as mq:
         subscription = await mq.subscribe(subject, group=group, durable=durable, ack_wait=ack_wait,
-                                          max_deliver=max_deliver, manual_ack=True)
+                                          max_deliver=max_deliver, filter=filter_, manual_ack=True)
         while count is None or received < count:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -346,6 +348,93 @@ async def dlq_purge(msg_id, as_json, agent, creds) -> None:
     async with await connect(agent, creds=creds, name="meshq-dlq") as mq:
         n = await mq.dlq_purge(msg_id.lower() if msg_id else None)
     click.echo(json.dumps({"purged": n}) if as_json else f"purged {n} dead letter{'s' if n != 1 else ''}")
+
+# ---------------------------------------------------------------- request/reply and directory
+@main.command(context_settings=CONTEXT)
+@click.argument("subject")
+@click.argument("body", required=False)
+@click.option("-H", "--header", "headers", multiple=True, metavar="KEY:VALUE", help="Add a header (repeatable).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=3600), default=5.0, show_default=True,
+              help="Seconds to wait for the reply.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as one JSON object.")
+@agent_option
+@client_command
+async def req(subject, body, headers, timeout, as_json, agent, creds) -> None:
+    """Send a request with BODY (or stdin) to SUBJECT and print the reply (exit 1: no responders or timeout)."""
+    data = sys.stdin.buffer.read() if body is None else body.encode()
+    async with await connect(agent, creds=creds, name="meshq-req") as mq:
+        start = time.perf_counter()
+        msg = await mq.request(subject, data, timeout=timeout, headers=_parse_headers(headers))
+        secs = time.perf_counter() - start
+    if as_json:
+        out = message_json(msg)
+        out.pop("redelivered", None)
+        out["rtt_ms"] = round(secs * 1000, 3)
+        click.echo(json.dumps(out, ensure_ascii=False))
+    else:
+        click.echo(f"Received reply on {msg.subject!r} in {secs * 1000:.1f} ms", err=True)
+        sys.stdout.buffer.write(msg.data + (b"" if msg.data.endswith(b"\n") else b"\n"))
+        sys.stdout.flush()
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("subject")
+@click.option("--group", default=None, help="Responder group (default _responders): one member answers each request.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Exit 0 after answering N requests.")
+@click.option("--command", "cmd", default=None, metavar="CMD",
+              help="Run CMD (shell) per request: request body on stdin, its stdout is the reply.")
+@click.option("--echo", is_flag=True, help="Reply with the request body (the default without --command/--body).")
+@click.option("--body", default=None, help="Reply with this text; {i} becomes the request number.")
+@click.option("--json", "as_json", is_flag=True, help="Log each request as a JSON line on stdout.")
+@agent_option
+@client_command
+async def reply(subject, group, count, cmd, echo, body, as_json, agent, creds) -> None:
+    """Answer requests on SUBJECT (wildcards allowed) until interrupted or --count is reached."""
+    if sum(x is not None and x is not False for x in (cmd, body, echo or None)) > 1:
+        fail("give at most one of --command, --echo and --body", 2)
+    answered = 0
+    async with await connect(agent, creds=creds, name="meshq-reply") as mq:
+        server = await mq.serve(subject, group=group)
+        click.echo(f"Serving requests on {subject!r} (group {server.group})", err=True)
+        async for msg in server:
+            answered += 1
+            if cmd is not None:
+                proc = await asyncio.create_subprocess_shell(cmd, stdin=asyncio.subprocess.PIPE,
+                                                             stdout=asyncio.subprocess.PIPE)
+                data, _ = await proc.communicate(msg.data)
+            elif body is not None:
+                data = body.replace("{i}", str(answered)).encode()
+            else:
+                data = msg.data
+            await msg.respond(data)
+            if as_json:
+                click.echo(json.dumps({**message_json(msg), "n": answered}, ensure_ascii=False))
+            else:
+                click.echo(f"[#{answered}] request on {msg.subject} ({len(msg.data)} bytes) answered", err=True)
+            if count is not None and answered >= count:
+                break
+        await asyncio.sleep(0.05)   # let the last reply leave before the goodbye
+
+
+@main.command("dir", context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the directory as JSON.")
+@agent_option
+@client_command
+async def dir_(as_json, agent, creds) -> None:
+    """Show the tenant's directory as the local agent sees it: every agent's subscriptions and services."""
+    async with await connect(agent, creds=creds, name="meshq-dir") as mq:
+        listing = await mq.directory()
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    click.echo(f"tenant {listing['tenant']} as seen by {listing.get('name', '')} ({listing['agent']})")
+    names = {e["origin"]: e.get("name") for e in listing["entries"] if e["kind"] == "agent"}
+    for e in listing["entries"]:
+        if e["kind"] == "agent":
+            continue
+        who = f"{names.get(e['origin']) or '?'} ({e['origin']})"
+        opts = " ".join(f"{k}={e[k]}" for k in ("group", "durable", "filter") if e.get(k))
+        click.echo(f"  {e['kind']:<4} {e['subject']:<30} {opts:<40} {who} {e['state']}")
 
 
 # ---------------------------------------------------------------- tenant

@@ -115,8 +115,9 @@ class Client:
             return n
         return self._run(go())
 
-    def subscribe(self, subject: str, *, group: str | None = None, manual_ack: bool = False, **options) -> Subscription:
-        """Subscribe (options as in the async client: durable, filter, ack_wait, max_deliver)."""
+    def subscribe(self, subject: str, *, group: str | None = None, manual_ack: bool = False,
+                  **options: Any) -> Subscription:
+        """Subscribe (options as `meshq.Client.subscribe`: durable=, filter=, ack_wait=, max_deliver=)."""
         async def go():
             return await self._client.subscribe(subject, group=group, manual_ack=manual_ack, **options)
         return Subscription(self, self._run(go()))
@@ -133,8 +134,27 @@ class Client:
     def dlq_purge(self, msg_id: str | None = None) -> int:
         return self._run(self._client.dlq_purge(msg_id))
 
+    def serve(self, subject: str, *, group: str | None = None) -> Subscription:
+        """Serve requests on `subject`; answer each with `respond(msg, data)`."""
+        async def go():
+            return await self._client.serve(subject, group=group)
+        return Subscription(self, self._run(go()))
+
+    def respond(self, msg: Message, data: bytes = b"", *, headers: Mapping[str, str] | None = None) -> None:
+        """Answer request `msg`."""
+        self._run(msg.respond(data, headers=headers))
+
+    def request(self, subject: str, data: bytes = b"", *, timeout: float = 5.0,
+                headers: Mapping[str, str] | None = None) -> Message:
+        """Send a request and return the reply (NoRespondersError, TimeoutError)."""
+        return self._run(self._client.request(subject, data, timeout=timeout, headers=headers))
+
     def status(self) -> dict:
         return self._run(self._client.status())
+
+    def directory(self) -> dict:
+        """The tenant's directory as the local agent sees it."""
+        return self._run(self._client.directory())
 
     def close(self) -> None:
         """Close the connection and stop the loop thread; idempotent."""

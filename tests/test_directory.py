@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from meshq._directory import AgentInfo, Change, Directory, Entry, Service, Subscription
@@ -149,6 +149,10 @@ def test_replicas_converge_after_restarts_without_state_given_an_epoch(n, script
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(2, 4), script=st.lists(ops, min_size=20, max_size=100), wait=st.floats(0, 3 * TTL))
+@example(n=3, script=[('put', 2, 0, 0), ('remove', 0, 0), ('remove', 0, 0), ('drop', 0), ('tick', 0.0),
+                      ('deliver', 0, False), ('drop', 0), ('drop', 0), ('drop', 0), ('drop', 0), ('drop', 0),
+                      ('remove', 0, 0), ('remove', 0, 0), ('remove', 0, 0), ('remove', 0, 0), ('remove', 0, 0),
+                      ('put', 0, 0, 0), ('remove', 2, 0), ('drop', 0), ('drop', 0)], wait=5.0)
 def test_expiry_everywhere_then_sync_does_not_resurrect(n, script, wait):
     """Laggards meet replicas that purged the tombstones they miss: a full round still reaches the truth."""
     replicas, now = run(n, script, lost_state=False)

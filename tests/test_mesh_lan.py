@@ -215,3 +215,44 @@ def test_agent_restarted_on_new_port_is_relinked(record_property):
         t = m.wait(relinked, 3, "the others to re-link to the new port", step=0.02)
         record_property("relinked_new_port_s", round(t - t0, 3))
         print(f"restarted agent re-linked {t - t0:.2f} s after it was spawned")
+
+
+def _dir_view(m, host):
+    """The directory host's agent holds, without the liveness column (identical everywhere once converged)."""
+    rows = [json.dumps({k: v for k, v in e.items() if k != "state"}, sort_keys=True)
+            for e in m.clients[host].directory()["entries"]]
+    return sorted(rows)
+
+
+@pytest.mark.timeout(90)
+def test_directory_converges_after_partition_heals(record_property):
+    """Issue 5, test 7: subscriptions added/removed on both sides of a partition are seen identically after healing."""
+    with Mesh(3) as m:
+        m.start_many(range(3))
+        m.wait(lambda: m.all_alive(range(3)), 15, "3 agents to know each other")
+        keep = {h: m.clients[h].subscribe(f"pre.{h}.keep") for h in range(3)}
+        gone = {h: m.clients[h].subscribe(f"pre.{h}.gone", group="g") for h in range(3)}
+
+        def subjects(host):
+            return {e["subject"] for e in m.clients[host].directory()["entries"] if e["kind"] == "sub"}
+        before = {f"pre.{h}.{w}" for h in range(3) for w in ("keep", "gone")}
+        m.wait(lambda: all(subjects(h) == before for h in range(3)), 10, "directories before the partition")
+        m.lan.block(0, 1)
+        m.lan.block(0, 2)                               # host 0 alone | hosts 1 and 2
+        m.wait(lambda: m.states(1).get(m.ids[0]) == "dead" and m.states(0).get(m.ids[1]) == "dead", 10,
+               "both sides to see the partition")
+        added = {0: m.clients[0].subscribe("side0.new", filter="region=eu"), 1: m.clients[1].subscribe("side1.new"),
+                 2: m.clients[2].serve("side2.svc")}
+        gone[0].unsubscribe()
+        gone[1].unsubscribe()
+        time.sleep(1.0)
+        assert "side0.new" not in subjects(1) and "side1.new" not in subjects(0)   # really partitioned
+        t_heal = time.time()
+        m.lan.unblock(0, 1)
+        m.lan.unblock(0, 2)
+        expected = {"pre.0.keep", "pre.1.keep", "pre.2.keep", "pre.2.gone", "side0.new", "side1.new", "side2.svc"}
+        t_conv = m.wait(lambda: all(subjects(h) == expected for h in range(3)) and
+                        _dir_view(m, 0) == _dir_view(m, 1) == _dir_view(m, 2), 20, "directories to converge")
+        record_property("directory_converged_after_heal_s", round(t_conv - t_heal, 3))
+        print(f"directories identical {t_conv - t_heal:.2f} s after the partition healed")
+        assert keep and added
