@@ -282,7 +282,9 @@ class SemanticsMixin:
         routed = 0
         for item in items:
             route = self._route_cache.get((tenant, item[1])) or self._compute_route(tenant, item[1])
-            plain, groups = route
+            plain, groups, filt = route
+            if filt:
+                plain, groups = self._filtered(tenant, item, route)
             if not plain and not groups:
                 continue
             routed += 1
@@ -291,12 +293,7 @@ class SemanticsMixin:
             for group, candidates in groups:
                 per_stream.setdefault(self._pick_member(tenant, group, candidates), []).append(item)
         for stream, lst in per_stream.items():
-            sender = self.senders.get(stream) or self._new_sender(stream, 1, 0)
-            payload = pack(lst)
-            seq = sender.append(len(lst), payload)
-            self.store.outbox_put(stream, seq, len(lst), payload)
-            self._outbox_add(tenant, len(lst), len(payload))
-            self._touched.add(stream)
+            self._enqueue(stream, lst)
         return routed
 
     # ------------------------------------------------------------------ delay
