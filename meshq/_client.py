@@ -22,7 +22,7 @@ from . import _envelope as env
 from ._envelope import Kind, make_item, pack, unpack_header, unpack_items
 from ._auth import load_token_file
 from ._errors import (
-    AuthorizationError, BadSubjectError, ConnectionClosedError, MeshqError, NoRespondersError, QuotaExceeded,
+    AuthorizationError, LocalProtocolError, BadSubjectError, ConnectionClosedError, MeshqError, NoRespondersError, QuotaExceeded,
     RemoteProtocolError, TimeoutError,
 )
 from ._ids import IdGenerator
@@ -95,6 +95,26 @@ class _PubAck:
         return self._batch.future.done()
 
 
+class _ManyAck:
+    """Awaitable confirmation of a `publish_many` call: the ids, once all are durable."""
+
+    __slots__ = ("_spans", "msg_ids")
+
+    def __init__(self, spans: list, msg_ids: list) -> None:
+        self._spans, self.msg_ids = spans, msg_ids
+
+    def __await__(self):
+        for batch, start, end in self._spans:
+            rejects = yield from asyncio.shield(batch.future).__await__()
+            for first, last, *why in rejects or ():
+                if first < end and last >= start:
+                    raise _reject_error(*why)
+        return self.msg_ids
+
+    def done(self) -> bool:
+        return all(b.future.done() for b, _, _ in self._spans)
+
+
 def _reject_error(code: str, text: str, retry_after: float | None = None) -> MeshqError:
     """The typed error for an agent's refusal code."""
     if code == "quota":
@@ -127,6 +147,7 @@ class Subscription:
         self._queue: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
         self._last: Message | None = None
+        self._last_batch: list | None = None
         self._outstanding: set[int] = set()
         self._confirmed = client._loop.create_future()
         self._closed = False
@@ -145,9 +166,8 @@ class Subscription:
 
     async def next_msg(self, timeout: float | None = None) -> Message:
         """The next message; raises TimeoutError after `timeout` seconds, StopAsyncIteration once closed."""
-        if self._last is not None and not self.manual_ack:
-            self._client._ack(self._last)
-            self._last = None
+        if not self.manual_ack and (self._last is not None or self._last_batch is not None):
+            self._auto_ack()
         if not self._confirmed.done():
             await self
         queue = self._queue
@@ -169,6 +189,35 @@ class Subscription:
         self._last = msg
         return msg
 
+    async def next_batch(self, max_msgs: int = 1000, timeout: float | None = None) -> list[Message]:
+        """The messages waiting (at least one, at most `max_msgs`), in order.
+
+        Like `next_msg` for each of them, with one await for the lot; with auto-ack, a
+        batch is acked when the next one is asked for (or at unsubscribe/close).
+        """
+        first = await self.next_msg(timeout)
+        self._last = None
+        queue = self._queue
+        n = min(len(queue), max_msgs - 1)
+        if n > 0:
+            popleft = queue.popleft
+            out = [first, *(popleft() for _ in range(n))]
+            self.delivered += n
+        else:
+            out = [first]
+        if not self.manual_ack:
+            self._last_batch = out
+        return out
+
+    def _auto_ack(self) -> None:
+        """With auto-ack: ack what the application was handed last (it asked for more)."""
+        if self._last is not None:
+            self._client._ack(self._last)
+            self._last = None
+        if self._last_batch is not None:
+            self._client._ack_many(self._last_batch)
+            self._last_batch = None
+
     def _push(self, msgs: list) -> None:
         self._queue.extend(msgs)
         if self._waiter is not None and not self._waiter.done():
@@ -182,9 +231,8 @@ class Subscription:
         """End the subscription; messages not yet handed out go back to the mesh."""
         if self._closed:
             return
-        if self._last is not None and not self.manual_ack:
-            self._client._ack(self._last)
-            self._last = None
+        if not self.manual_ack:
+            self._auto_ack()
         self._closed = True
         self._client._unsubscribe(self)
         if self._waiter is not None and not self._waiter.done():
@@ -216,6 +264,7 @@ class Client:
         self.max_pending = max_pending
         self._room = asyncio.Event()
         self._room.set()
+        self._valid_subjects: set[str] = set()
         self._subs: dict[int, Subscription] = {}
         self._sids = itertools.count(1)
         self._acks: list[int] = []
@@ -257,9 +306,8 @@ class Client:
         if self._closed:
             return
         for sub in list(self._subs.values()):
-            if sub._last is not None and not sub.manual_ack:
-                self._ack(sub._last)
-                sub._last = None
+            if not sub.manual_ack:
+                sub._auto_ack()
         self._flush_acks()
         self._closed = True
         with contextlib.suppress(Exception):
@@ -311,13 +359,75 @@ class Client:
         self._check_open()
         return self._enqueue(subject, data, headers, ttl)
 
+    async def publish_many(self, subject: str, bodies, *, headers: Mapping[str, str] | None = None,
+                           ttl: float | None = None) -> "_ManyAck":
+        """Queue one publish per body in `bodies` (same subject, headers and ttl).
+
+        The same as calling `publish_async` for each body, minus the per-call overhead;
+        returns one awaitable that completes (with the list of message ids) once every
+        one of them is durable at the agent, or raises the first refusal.
+        """
+        self._check_open()
+        self._check_subject(subject)
+        if headers is not None or ttl is not None:
+            make_item(b"\0" * 16, subject, headers, 0, None, b"")   # check them once
+            headers = dict(headers) if headers else None
+        ids = self._ids
+        now_ns = time.time_ns
+        spans = []
+        out_ids = []
+        batch = None
+        for data in bodies:
+            if self._inflight_msgs >= self.max_pending:
+                self._flush_now()
+                while self._inflight_msgs >= self.max_pending:
+                    self._check_open()
+                    self._room.clear()
+                    await self._room.wait()
+                batch = None
+            if type(data) is not bytes:
+                if not isinstance(data, (bytearray, memoryview)):
+                    raise LocalProtocolError(f"message data must be bytes, not {type(data).__name__}")
+                data = bytes(data)
+            t = now_ns()
+            msg_id = ids.next(t)
+            created = t // 1_000_000
+            b = self._batch
+            if b is None:
+                b = self._batch = _Batch(self._loop)
+            if b is not batch:
+                batch = b
+                spans.append([b, len(b.items), len(b.items)])
+            b.items.append([msg_id, subject, headers, created, None if ttl is None else created + int(ttl * 1000), data])
+            spans[-1][2] = len(b.items)
+            out_ids.append(msg_id)
+            b.bytes += len(data) + len(subject) + 32
+            if len(b.items) >= MAX_BATCH_ITEMS or b.bytes >= MAX_BATCH_BYTES:
+                self._flush_now()
+        if self._batch is not None and self._batch.items and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+        return _ManyAck(spans, out_ids)
+
+    def _check_subject(self, subject: str) -> None:
+        valid = self._valid_subjects
+        if subject not in valid:
+            validate_subject(subject)
+            if len(valid) >= 10_000:
+                valid.clear()
+            valid.add(subject)
+
     def _enqueue(self, subject, data, headers, ttl) -> _PubAck:
-        validate_subject(subject)
+        if subject not in self._valid_subjects:
+            self._check_subject(subject)
         now_ns = time.time_ns()
         msg_id = self._ids.next(now_ns)
         created = now_ns // 1_000_000
-        expires = None if ttl is None else created + int(ttl * 1000)
-        item = make_item(msg_id, subject, headers, created, expires, data)
+        if headers is None and ttl is None and type(data) is bytes:
+            item = [msg_id, subject, None, created, None, data]
+        else:
+            expires = None if ttl is None else created + int(ttl * 1000)
+            item = make_item(msg_id, subject, headers, created, expires, data)
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch(self._loop)
@@ -443,6 +553,20 @@ class Client:
         else:
             self._schedule_acks()
 
+    def _ack_many(self, msgs: list) -> None:
+        epoch = self._epoch
+        acks = self._acks
+        for msg in msgs:
+            sub, tag = msg[8], msg[9]
+            if msg[10] != epoch or tag not in sub._outstanding:
+                continue
+            sub._outstanding.discard(tag)
+            acks.append(tag)
+        if len(acks) >= 1000:
+            self._flush_acks()
+        elif acks:
+            self._schedule_acks()
+
     def _nack(self, msg: Message, delay: float) -> None:
         sub, tag, epoch = msg[8], msg[9], msg[10]
         if epoch != self._epoch or tag not in sub._outstanding:
@@ -565,8 +689,7 @@ class Client:
         self._acks = []
         for sub in self._subs.values():
             sub._outstanding.clear()
-            if sub._last is not None:
-                sub._last = None
+            sub._last = sub._last_batch = None
             self._send_sub(sub)
         for batch_id in sorted(self._inflight):
             self._channel.send([Kind.PUB, pack([batch_id]), self._inflight[batch_id].payload])

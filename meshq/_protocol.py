@@ -83,7 +83,7 @@ class StreamSender:
     def __init__(
         self, next_seq: int = 1, acked_through: int = 0, *,
         window_msgs: int = DEFAULT_WINDOW_MSGS, window_records: int = DEFAULT_WINDOW_RECORDS,
-        ack_wait: float = DEFAULT_ACK_WAIT, cache_bytes: int = 8 * 1024 * 1024,
+        ack_wait: float = DEFAULT_ACK_WAIT, cache_bytes: int = 32 * 1024 * 1024,
         rng: random.Random | None = None,
     ) -> None:
         self.next_seq = max(next_seq, acked_through + 1)
