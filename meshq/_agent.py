@@ -798,7 +798,8 @@ class Agent(MeshMixin):
             records = sender.due(now, lambda seq, n, s=stream: self._load(s, seq, n))
             for rec in records:
                 if local:
-                    self._on_deliver(self.agent_id, stream.tenant, stream.lane, rec.seq, rec.attempt, unpack_items(rec.payload))
+                    self._on_deliver(self.agent_id, stream.tenant, stream.lane, rec.seq, rec.attempt,
+                                     unpack_items(rec.payload), rec.payload)
                 else:
                     ok = self.sockets.send(peer.dealer.sock, [Kind.DELIVER, pack([stream.tenant, stream.lane, rec.seq, rec.attempt]), rec.payload])
                     if not ok:
@@ -845,11 +846,14 @@ class Agent(MeshMixin):
         self._outbox_add(stream.tenant, sender.pending_msgs - before, -freed)
 
     # ------------------------------------------------------------------ receiving
-    def _on_deliver(self, producer: str, tenant: str, lane: str, first_seq: int, attempt: int, items: list) -> None:
+    def _on_deliver(self, producer: str, tenant: str, lane: str, first_seq: int, attempt: int, items: list,
+                    raw: bytes | None = None) -> None:
         key = (tenant, producer, lane)
         st = self.inbound.get(key)
         if st is None:
             st = self.inbound[key] = InboundStream(0)
+        if items and self._deliver_whole(key, st, lane, first_seq, attempt, items, raw):
+            return
         now_ms = int(time.time() * 1000)
         batches: dict[LocalSub, list] = {}
         hold = None
@@ -902,6 +906,32 @@ class Agent(MeshMixin):
             self._count("held")
             self._send_dnack(tenant, producer, lane, hold, self.config.hold_delay)
         self._acks_due.add(key)
+
+    def _deliver_whole(self, key: tuple, st: InboundStream, lane: str, first_seq: int, attempt: int,
+                       items: list, raw: bytes | None) -> bool:
+        """Hot path of `_on_deliver`: a record of new messages, one subject, no expiry, one
+        local consumer takes all of it.  Hands the record over as is (the producer's
+        encoded payload when given) and returns True; False: take the per-message path."""
+        n = len(items)
+        seqs = range(first_seq, first_seq + n)
+        if first_seq <= st.watermark or not st.all_new(seqs) or not _one_subject_no_expiry(items):
+            return False
+        tenant, subject = key[0], items[0][1]
+        targets = self._local_targets(tenant, lane, subject)
+        if not targets or len(targets) != 1 or (lane != "" and len(self._local_cache.get((tenant, lane, subject), ())) != 1):
+            return False
+        sub = targets[0]
+        conn = sub.conn
+        st.start_range(seqs)
+        sub.inflight += n
+        sub.delivered += n
+        first_tag = conn.next_tag
+        conn.next_tag += n
+        conn.outstanding.update(zip(range(first_tag, first_tag + n), [(key, seq, None, sub) for seq in seqs]))
+        self.sockets.send(self.sockets.clients, [conn.ident, Kind.MSG, pack([sub.sid, first_tag, attempt > 1]),
+                                                 raw if raw is not None else pack(items)])
+        self._acks_due.add(key)
+        return True
 
     def _local_targets(self, tenant: str, lane: str, subject: str) -> list | None:
         """Local subscriptions for a message on `lane`; None when one of them is away (hold)."""
@@ -1049,7 +1079,7 @@ class Agent(MeshMixin):
                 return
             items = unpack_items(frames[3])
             self._count("delivered_in", len(items), tenant=tenant)
-            self._on_deliver(origin, tenant, lane, seq, attempt, items)
+            self._on_deliver(origin, tenant, lane, seq, attempt, items, frames[3])
         elif kind == Kind.HEARTBEAT:
             h = unpack_header(frames[2])
             self.sockets.send(self.sockets.peers, [ident, Kind.HEARTBEAT, pack({"instance": self.instance, "t": header_field(h, "t", float, 0.0)})])

@@ -229,6 +229,14 @@ class InboundStream:
         """True unless `seq` was already handled or is being handled."""
         return seq > self.watermark and seq not in self._done and seq not in self._busy
 
+    def all_new(self, seqs: range) -> bool:
+        """True when no sequence of `seqs` (all above the watermark) was handled or is in progress."""
+        return self._done.isdisjoint(seqs) and self._busy.isdisjoint(seqs)
+
+    def start_range(self, seqs: range) -> None:
+        """Mark every sequence of `seqs` as handed to consumers."""
+        self._busy.update(seqs)
+
     def start(self, seq: int) -> None:
         """Mark `seq` as handed to consumers."""
         self._busy.add(seq)
