@@ -519,8 +519,19 @@ class Client:
         seen, order = self._seen, self._seen_order
         epoch = self._epoch
         redelivered = bool(redelivered)
-        msgs = []
         outstanding = sub._outstanding
+        mids = [item[0] for item in items]
+        if seen.isdisjoint(mids) and len(set(mids)) == len(mids):
+            # no duplicates (the usual case): the whole batch at once
+            seen.update(mids)
+            order.extend(mids)
+            tags = range(tag, tag + len(items))
+            outstanding.update(tags)
+            msgs = [Message((item[0], item[1], MappingProxyType(item[2]) if item[2] else _EMPTY, item[5],
+                             redelivered, item[3], item[4], self, sub, t, epoch)) for t, item in zip(tags, items)]
+            items = ()
+        else:
+            msgs = []
         for item in items:
             mid = item[0]
             if mid in seen:
