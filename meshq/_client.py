@@ -14,6 +14,7 @@ import collections
 import contextlib
 import itertools
 import os
+import struct
 import time
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Mapping
@@ -124,13 +125,48 @@ def _reject_error(code: str, text: str, retry_after: float | None = None) -> Mes
 
 
 class _Batch:
-    __slots__ = ("items", "future", "payload", "bytes")
+    """Publishes on their way to the agent as one PUB frame.
+
+    Each message is encoded into its item bytes when it is queued (`parts`, after a slot
+    for the array header), so a batch holds bytes, not per-message Python containers
+    (which the cyclic garbage collector would walk over and over while they wait).
+    """
+
+    __slots__ = ("parts", "n", "future", "payload", "bytes")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.items: list = []
+        self.parts: list = [b""]
+        self.n = 0
         self.future = loop.create_future()
         self.payload = b""
         self.bytes = 0
+
+
+_pack_q = struct.Struct(">Q").pack
+_pack_h = struct.Struct(">H").pack
+_pack_i = struct.Struct(">I").pack
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 65536:
+        return b"\xdc" + _pack_h(n)
+    return b"\xdd" + _pack_i(n)
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 256:
+        return bytes((0xc4, n))
+    if n < 65536:
+        return b"\xc5" + _pack_h(n)
+    return b"\xc6" + _pack_i(n)
+
+
+def _plain_item(msg_id: bytes, subject_enc: bytes, created: int, data: bytes) -> bytes:
+    """The msgpack bytes of [msg_id, subject, nil, created, nil, data] (`subject_enc` is the packed subject)."""
+    return b"".join((b"\x96\xc4\x10", msg_id, subject_enc, b"\xc0\xcf", _pack_q(created), b"\xc0",
+                     _bin_header(len(data)), data))
 
 
 class Subscription:
@@ -265,6 +301,7 @@ class Client:
         self._room = asyncio.Event()
         self._room.set()
         self._valid_subjects: set[str] = set()
+        self._subject_bytes: dict[str, bytes] = {}
         self._subs: dict[int, Subscription] = {}
         self._sids = itertools.count(1)
         self._acks: list[int] = []
@@ -374,6 +411,8 @@ class Client:
             headers = dict(headers) if headers else None
         ids = self._ids
         now_ns = time.time_ns
+        plain = headers is None and ttl is None
+        subject_enc = self._subject_enc(subject)
         spans = []
         out_ids = []
         batch = None
@@ -397,17 +436,30 @@ class Client:
                 b = self._batch = _Batch(self._loop)
             if b is not batch:
                 batch = b
-                spans.append([b, len(b.items), len(b.items)])
-            b.items.append([msg_id, subject, headers, created, None if ttl is None else created + int(ttl * 1000), data])
-            spans[-1][2] = len(b.items)
+                spans.append([b, b.n, b.n])
+            if plain:
+                b.parts.append(_plain_item(msg_id, subject_enc, created, data))
+            else:
+                b.parts.append(pack([msg_id, subject, headers, created,
+                                     None if ttl is None else created + int(ttl * 1000), data]))
+            b.n += 1
+            spans[-1][2] = b.n
             out_ids.append(msg_id)
             b.bytes += len(data) + len(subject) + 32
-            if len(b.items) >= MAX_BATCH_ITEMS or b.bytes >= MAX_BATCH_BYTES:
+            if b.n >= MAX_BATCH_ITEMS or b.bytes >= MAX_BATCH_BYTES:
                 self._flush_now()
-        if self._batch is not None and self._batch.items and not self._flush_scheduled:
+        if self._batch is not None and self._batch.n and not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_now)
         return _ManyAck(spans, out_ids)
+
+    def _subject_enc(self, subject: str) -> bytes:
+        enc = self._subject_bytes.get(subject)
+        if enc is None:
+            if len(self._subject_bytes) >= 10_000:
+                self._subject_bytes.clear()
+            enc = self._subject_bytes[subject] = pack(subject)
+        return enc
 
     def _check_subject(self, subject: str) -> None:
         valid = self._valid_subjects
@@ -424,17 +476,18 @@ class Client:
         msg_id = self._ids.next(now_ns)
         created = now_ns // 1_000_000
         if headers is None and ttl is None and type(data) is bytes:
-            item = [msg_id, subject, None, created, None, data]
+            part = _plain_item(msg_id, self._subject_enc(subject), created, data)
         else:
             expires = None if ttl is None else created + int(ttl * 1000)
-            item = make_item(msg_id, subject, headers, created, expires, data)
+            part = pack(make_item(msg_id, subject, headers, created, expires, data))
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch(self._loop)
-        batch.items.append(item)
+        batch.parts.append(part)
+        ack = _PubAck(batch, batch.n, msg_id)
+        batch.n += 1
         batch.bytes += len(data) + len(subject) + 32
-        ack = _PubAck(batch, len(batch.items) - 1, msg_id)
-        if len(batch.items) >= MAX_BATCH_ITEMS or batch.bytes >= MAX_BATCH_BYTES:
+        if batch.n >= MAX_BATCH_ITEMS or batch.bytes >= MAX_BATCH_BYTES:
             self._flush_now()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
@@ -444,12 +497,15 @@ class Client:
     def _flush_now(self) -> None:
         self._flush_scheduled = False
         batch = self._batch
-        if batch is None or not batch.items:
+        if batch is None or not batch.n:
             return
         self._batch = None
         batch_id = next(self._batch_ids)
-        batch.payload = pack(batch.items)
-        n = len(batch.items)
+        n = batch.n
+        parts = batch.parts
+        parts[0] = _array_header(n)
+        batch.payload = b"".join(parts)
+        batch.parts = None
         self._inflight[batch_id] = batch
         self._inflight_msgs += n
         if self._broken is None:
@@ -472,8 +528,7 @@ class Client:
         batch = self._inflight.pop(h[0], None)
         if batch is None:
             return
-        self._inflight_msgs -= len(batch.items)
-        batch.items = []
+        self._inflight_msgs -= batch.n
         if not batch.future.done():
             batch.future.set_result(h[2])
         if self._inflight_msgs < self.max_pending:
