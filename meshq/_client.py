@@ -284,7 +284,8 @@ class Subscription:
 class Client:
     """A connection to the local agent (see `connect`)."""
 
-    def __init__(self, endpoint: str, name: str = "", max_pending: int = 100_000, token: str | None = None) -> None:
+    def __init__(self, endpoint: str, name: str = "", max_pending: int = 100_000, token: str | None = None,
+                 max_pending_bytes: int = 32 << 20) -> None:
         self.endpoint = endpoint
         self.name = name
         self._token = token
@@ -297,7 +298,9 @@ class Client:
         self._batch_ids = itertools.count(1)
         self._inflight: dict[int, _Batch] = {}
         self._inflight_msgs = 0
-        self.max_pending = max_pending
+        self._inflight_bytes = 0
+        self.max_pending = max_pending                  # publishes sent and not yet confirmed: at most
+        self.max_pending_bytes = max_pending_bytes      # this many messages and about this many bytes
         self._room = asyncio.Event()
         self._room.set()
         self._valid_subjects: set[str] = set()
@@ -387,9 +390,9 @@ class Client:
     async def publish_async(self, subject: str, data: bytes = b"", *, headers: Mapping[str, str] | None = None,
                             ttl: float | None = None) -> _PubAck:
         """Queue a publish; returns an awaitable that completes once it is durable (see `flush`)."""
-        if self._inflight_msgs >= self.max_pending:
+        if self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
             self._flush_now()
-            while self._inflight_msgs >= self.max_pending:
+            while self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
                 self._check_open()
                 self._room.clear()
                 await self._room.wait()
@@ -417,9 +420,9 @@ class Client:
         out_ids = []
         batch = None
         for data in bodies:
-            if self._inflight_msgs >= self.max_pending:
+            if self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
                 self._flush_now()
-                while self._inflight_msgs >= self.max_pending:
+                while self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
                     self._check_open()
                     self._room.clear()
                     await self._room.wait()
@@ -508,6 +511,7 @@ class Client:
         batch.parts = None
         self._inflight[batch_id] = batch
         self._inflight_msgs += n
+        self._inflight_bytes += batch.bytes
         if self._broken is None:
             self._channel.send([Kind.PUB, pack([batch_id]), batch.payload])
 
@@ -529,9 +533,10 @@ class Client:
         if batch is None:
             return
         self._inflight_msgs -= batch.n
+        self._inflight_bytes -= batch.bytes
         if not batch.future.done():
             batch.future.set_result(h[2])
-        if self._inflight_msgs < self.max_pending:
+        if self._inflight_msgs < self.max_pending and self._inflight_bytes < self.max_pending_bytes:
             self._room.set()
 
     # -------------------------------------------------------------- subscribing
@@ -771,11 +776,12 @@ class Client:
 
 
 async def connect(agent: str | None = None, *, creds: str | None = None, name: str = "", timeout: float = 5.0,
-                  max_pending: int = 100_000) -> Client:
+                  max_pending: int = 100_000, max_pending_bytes: int = 32 << 20) -> Client:
     """Connect to the local agent (`agent`: endpoint or data dir, default $MESHQ_AGENT; `creds`: a token file, default $MESHQ_CREDS)."""
     creds = creds or os.environ.get("MESHQ_CREDS") or None
     token = load_token_file(creds).token if creds else None
-    client = Client(resolve_agent(agent), name=name, max_pending=max_pending, token=token)
+    client = Client(resolve_agent(agent), name=name, max_pending=max_pending, token=token,
+                    max_pending_bytes=max_pending_bytes)
     try:
         await client._handshake(timeout)
     except BaseException:
