@@ -79,11 +79,11 @@ def _percentiles(samples: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------- worker processes
-def _consumer_main(endpoint, group, api, ready, stop_evt, counters, results, idx) -> None:
-    asyncio.run(_consume(endpoint, group, api, ready, stop_evt, counters, results, idx))
+def _consumer_main(endpoint, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
+    asyncio.run(_consume(endpoint, group, api, paced, ready, stop_evt, counters, results, idx))
 
 
-async def _consume(endpoint, group, api, ready, stop_evt, counters, results, idx) -> None:
+async def _consume(endpoint, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
     from ._client import connect
     from ._errors import TimeoutError as MqTimeout
     lat: list[float] = []
@@ -107,7 +107,8 @@ async def _consume(endpoint, group, api, ready, stop_evt, counters, results, idx
             got += len(msgs)
             counters[idx] = got
             if len(lat) < MAX_LAT_SAMPLES:
-                lat.extend([(t - unpack(m[3])[0]) / 1e6 for m in msgs if len(m[3]) >= 8])
+                # every message when paced; unpaced runs sample 1 in 8 (their latency is queueing delay)
+                lat.extend([(t - unpack(m[3])[0]) / 1e6 for m in (msgs if paced else msgs[::8])])
         dups = mq.duplicates
     results.put({"idx": idx, "got": got, "last": last, "lat": lat, "dups": dups})
 
@@ -216,7 +217,7 @@ def run_bench(workload: str = "pubsub", count: int | None = 100_000, size: int =
         procs = []
         for i, agent in enumerate(sub_agents):
             p = ctx.Process(target=_consumer_main, daemon=True,
-                            args=(agent.client_endpoint, group, api, ready, stop_evt, delivered_c, results, i))
+                            args=(agent.client_endpoint, group, api, bool(rate), ready, stop_evt, delivered_c, results, i))
             p.start()
             procs.append(p)
         for _ in sub_agents:

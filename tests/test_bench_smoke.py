@@ -29,7 +29,7 @@ def test_bench_workload_counts(workload, consumers, api):
         assert sum(r.delivered) == 3000
     else:
         assert r.delivered == [3000] * consumers
-    assert r.msgs_per_s > 0 and r.latency_ms["samples"] == sum(r.delivered)
+    assert r.msgs_per_s > 0 and r.latency_ms["samples"] > 0
 
 
 @pytest.mark.timeout(60)
@@ -38,6 +38,7 @@ def test_bench_paced_duration_two_publishers():
     assert r.ok, r.errors
     assert 600 <= r.count <= 1100 and r.delivered == [r.count]
     assert r.latency_ms["p50"] <= r.latency_ms["p99"] <= r.latency_ms["max"]
+    assert r.latency_ms["samples"] == r.count     # paced: every message is timed
 
 
 @pytest.mark.timeout(60)
