@@ -103,6 +103,24 @@ def summarize(results: list[dict], systems: list[str], workloads) -> dict:
                 for k in ("p50", "p90", "p99", "p99.9"):
                     entry[k] = statistics.median(r["latency_ms"][k] for r in rs if r["latency_ms"])
             summary.setdefault(w, {})[s] = entry
+    # the ratio within each round (same conditions), then the median over rounds
+    for w in summary:
+        ratios = {}
+        for s in systems:
+            if s == "meshq":
+                continue
+            per_round = []
+            for rnd in sorted({r["round"] for r in results}):
+                m = [r for r in results if r["workload"] == w and r["system"] == "meshq" and r["round"] == rnd and r["ok"]]
+                p = [r for r in results if r["workload"] == w and r["system"] == s and r["round"] == rnd and r["ok"]]
+                if m and p:
+                    if w == "latency":
+                        per_round.append(m[0]["latency_ms"]["p50"] / p[0]["latency_ms"]["p50"])
+                    else:
+                        per_round.append(m[0]["msgs_per_s"] / p[0]["msgs_per_s"])
+            if per_round:
+                ratios[s] = {"median": statistics.median(per_round), "rounds": per_round}
+        summary[w]["_ratios"] = ratios
     return summary
 
 
@@ -124,7 +142,7 @@ def markdown(summary: dict, systems: list[str], args, command: str) -> str:
         "|---|---|" + "---|" * (len(systems) + len(peers)),
     ]
     for w in summary:
-        row = summary[w]
+        row = {k: v for k, v in summary[w].items() if k != "_ratios"}
         if w == "latency":
             for k in ("p50", "p99"):
                 vals = [f"{row[s][k]:.2f} ms" if s in row else "–" for s in systems]
@@ -137,6 +155,13 @@ def markdown(summary: dict, systems: list[str], args, command: str) -> str:
         ratios = [f"{row['meshq']['msgs_per_s'] / row[p]['msgs_per_s']:.2f}×" if p in row and "meshq" in row else "–"
                   for p in peers]
         lines.append(f"| {w} | {what} | " + " | ".join(vals) + " | " + " | ".join(ratios) + " |")
+    lines += ["", "Median over rounds of the ratio within each round (meshq / peer; latency: p50 time):", "",
+              "| workload | " + " | ".join(f"meshq / {p}" for p in peers) + " |", "|---|" + "---|" * len(peers)]
+    for w in summary:
+        rr = summary[w].get("_ratios", {})
+        lines.append(f"| {w} | " + " | ".join(
+            (f"{rr[p]['median']:.2f}× (rounds: " + ", ".join(f"{x:.2f}" for x in rr[p]["rounds"]) + ")") if p in rr else "–"
+            for p in peers) + " |")
     lines += ["", "Every run, in order (msgs/s; latency runs show p50/p99 ms):", ""]
     return "\n".join(lines)
 
