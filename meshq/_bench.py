@@ -35,7 +35,6 @@ from ._spawn import AgentProcess
 
 WORKLOADS = ("pubsub", "queue", "fanout")
 APIS = ("batch", "single")
-SUBJECT = "bench.data"
 _TS = struct.Struct(">Q")
 _CHUNK = 1000            # bodies per publish_many call when unpaced
 MAX_LAT_SAMPLES = 2_000_000
@@ -79,11 +78,11 @@ def _percentiles(samples: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------- worker processes
-def _consumer_main(endpoint, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
-    asyncio.run(_consume(endpoint, group, api, paced, ready, stop_evt, counters, results, idx))
+def _consumer_main(endpoint, subject, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
+    asyncio.run(_consume(endpoint, subject, group, api, paced, ready, stop_evt, counters, results, idx))
 
 
-async def _consume(endpoint, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
+async def _consume(endpoint, subject, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
     from ._client import connect
     from ._errors import TimeoutError as MqTimeout
     lat: list[float] = []
@@ -92,7 +91,7 @@ async def _consume(endpoint, group, api, paced, ready, stop_evt, counters, resul
     unpack = _TS.unpack_from
     now_ns = time.time_ns
     async with await connect(endpoint, name=f"bench-consumer-{idx}") as mq:
-        sub = await mq.subscribe("bench.>", group=group)
+        sub = await mq.subscribe(subject.rsplit(".", 1)[0] + ".>", group=group)
         ready.put(idx)
         while not stop_evt.is_set():
             try:
@@ -113,11 +112,13 @@ async def _consume(endpoint, group, api, paced, ready, stop_evt, counters, resul
     results.put({"idx": idx, "got": got, "last": last, "lat": lat, "dups": dups})
 
 
-def _publisher_main(endpoint, count, duration, size, rate, api, ready, start_evt, published, results, idx) -> None:
-    asyncio.run(_publish(endpoint, count, duration, size, rate, api, ready, start_evt, published, results, idx))
+def _publisher_main(endpoint, subject, count, duration, size, rate, api, ready, start_evt, published, results,
+                    idx) -> None:
+    asyncio.run(_publish(endpoint, subject, count, duration, size, rate, api, ready, start_evt, published, results, idx))
 
 
-async def _publish(endpoint, count, duration, size, rate, api, ready, start_evt, published, results, idx) -> None:
+async def _publish(endpoint, subject, count, duration, size, rate, api, ready, start_evt, published, results,
+                   idx) -> None:
     from ._client import connect
     pad = b"x" * max(0, size - 8)
     pack = _TS.pack
@@ -145,10 +146,10 @@ async def _publish(endpoint, count, duration, size, rate, api, ready, start_evt,
             else:
                 n = min(_CHUNK, limit - sent)
             if api == "batch":
-                acks.append(await mq.publish_many(SUBJECT, [pack(now_ns()) + pad for _ in range(n)]))
+                acks.append(await mq.publish_many(subject, [pack(now_ns()) + pad for _ in range(n)]))
             else:
                 for _ in range(n):
-                    acks.append(await mq.publish_async(SUBJECT, pack(now_ns()) + pad))
+                    acks.append(await mq.publish_async(subject, pack(now_ns()) + pad))
             sent += n
             published[idx] = sent
             if len(acks) > 1000:
@@ -165,14 +166,21 @@ async def _publish(endpoint, count, duration, size, rate, api, ready, start_evt,
 
 
 # ---------------------------------------------------------------- orchestration
-async def _wait_routes(endpoint: str, agents: int, timeout: float = 15.0) -> None:
-    """Wait until the publisher's agent knows subscriptions from `agents` agents."""
+async def _agent_id(endpoint: str) -> str:
+    from ._client import connect
+    async with await connect(endpoint, name="bench-probe") as mq:
+        return (await mq.status())["id"]
+
+
+async def _wait_routes(endpoint: str, agent_ids: set, timeout: float = 15.0) -> None:
+    """Wait until the publisher's agent knows subscriptions of every agent in `agent_ids`."""
     from ._client import connect
     async with await connect(endpoint, name="bench-probe") as mq:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             st = await mq.status()
-            if sum(1 for p in st["peers"] if p["state"] == "alive" and p.get("subscriptions", 0) > 0) >= agents:
+            seen = {p["id"] for p in st["peers"] if p["state"] == "alive" and p.get("subscriptions", 0) > 0}
+            if agent_ids - {st["id"]} <= seen:
                 return
             await asyncio.sleep(0.05)
     raise RuntimeError("subscriptions did not propagate to the publisher's agent in time")
@@ -181,12 +189,15 @@ async def _wait_routes(endpoint: str, agents: int, timeout: float = 15.0) -> Non
 def run_bench(workload: str = "pubsub", count: int | None = 100_000, size: int = 100, consumers: int = 1,
               publishers: int = 1, durability: str = "fsync", rate: float | None = None,
               progress=None, workdir: str | None = None, duration: float | None = None,
-              api: str = "batch", stall_timeout: float = 30.0) -> BenchResult:
+              api: str = "batch", stall_timeout: float = 30.0, pub_agent: str | None = None,
+              sub_agents: list[str] | None = None) -> BenchResult:
     """Start agents on loopback, run one workload, return the figures.
 
     `count` messages per publisher, or publish for `duration` seconds; `rate` paces each
     publisher (msgs/s) so latency is that of a loaded, not saturated, mesh; `progress`
-    is called about twice a second with a one-line status.
+    is called about twice a second with a one-line status.  With `pub_agent` (and
+    `sub_agents`, client endpoints, cycled over the consumers; default: `pub_agent`) the
+    run uses a mesh that is already running instead of starting agents.
     """
     if workload not in WORKLOADS:
         if workload == "request":
@@ -204,29 +215,38 @@ def run_bench(workload: str = "pubsub", count: int | None = 100_000, size: int =
     extra = ["--durability", durability, "--log-level", "warning"]
     errors: list[str] = []
     with ExitStack() as stack:
-        tmp = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="meshq-bench-"))
-        pub_agent = stack.enter_context(AgentProcess(os.path.join(tmp, "pub"), name="bench-pub", extra=extra))
-        sub_agents = [stack.enter_context(AgentProcess(os.path.join(tmp, f"sub{i}"), peers=[pub_agent.peer_endpoint],
-                                                       name=f"bench-sub{i}", extra=extra))
-                      for i in range(consumers)]
+        if pub_agent is None:
+            tmp = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="meshq-bench-"))
+            pub = stack.enter_context(AgentProcess(os.path.join(tmp, "pub"), name="bench-pub", extra=extra))
+            pub_ep = pub.client_endpoint
+            sub_eps = [stack.enter_context(AgentProcess(os.path.join(tmp, f"sub{i}"), peers=[pub.peer_endpoint],
+                                                        name=f"bench-sub{i}", extra=extra)).client_endpoint
+                       for i in range(consumers)]
+        else:
+            from ._client import resolve_agent
+            pub_ep = resolve_agent(pub_agent)
+            given = [resolve_agent(a) for a in (sub_agents or [pub_agent])]
+            sub_eps = [given[i % len(given)] for i in range(consumers)]
+        subject = f"bench.{os.getpid()}{int(time.time() * 1000) % 100000}.data"
         ready, results = ctx.Queue(), ctx.Queue()
         start_evt, stop_evt = ctx.Event(), ctx.Event()
         delivered_c = ctx.Array("q", consumers, lock=False)
         published_c = ctx.Array("q", publishers, lock=False)
         group = "bench" if workload == "queue" else None
         procs = []
-        for i, agent in enumerate(sub_agents):
+        for i, ep in enumerate(sub_eps):
             p = ctx.Process(target=_consumer_main, daemon=True,
-                            args=(agent.client_endpoint, group, api, bool(rate), ready, stop_evt, delivered_c, results, i))
+                            args=(ep, subject, group, api, bool(rate), ready, stop_evt, delivered_c, results, i))
             p.start()
             procs.append(p)
-        for _ in sub_agents:
+        for _ in sub_eps:
             ready.get(timeout=60)
-        asyncio.run(_wait_routes(pub_agent.client_endpoint, len(sub_agents)))
+        ids = {asyncio.run(_agent_id(ep)) for ep in set(sub_eps)}
+        asyncio.run(_wait_routes(pub_ep, ids))
         pubs = []
         for i in range(publishers):
             p = ctx.Process(target=_publisher_main, daemon=True,
-                            args=(pub_agent.client_endpoint, count if not duration else None, duration, size, rate,
+                            args=(pub_ep, subject, count if not duration else None, duration, size, rate,
                                   api, ready, start_evt, published_c, results, i))
             p.start()
             pubs.append(p)
@@ -297,7 +317,8 @@ def run_bench(workload: str = "pubsub", count: int | None = 100_000, size: int =
         rate_out = (min(delivered) if delivered else 0) / seconds
     if dups:
         errors.append(f"{dups} duplicates reached the application")
-    return BenchResult(workload, published, size, len(sub_agents), publishers, durability,
+    return BenchResult(workload, published, size, len(sub_eps), publishers,
+                       durability if pub_agent is None else "of the running mesh",
                        round(seconds, 4), round(rate_out, 1), round(rate_out * size / 1e6, 2), delivered,
                        dups, _percentiles(lat),
                        round(max((o["publish_seconds"] for o in pub_out.values()), default=0.0), 4), rate,

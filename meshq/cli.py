@@ -420,9 +420,14 @@ def demo(count, size) -> None:
 @click.option("--durability", type=click.Choice(["fsync", "none"]), default="fsync", show_default=True)
 @click.option("--api", type=click.Choice(["batch", "single"]), default="batch", show_default=True,
               help="batch: publish_many/next_batch; single: publish_async/next_msg per message.")
+@click.option("--agent", "pub_agent", default=None,
+              help="Use a running mesh: the publishers' agent (endpoint or data dir) instead of starting agents.")
+@click.option("--sub-agent", "sub_agents", multiple=True,
+              help="With --agent: a consumers' agent (repeatable, cycled over the consumers; default: --agent).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bench(workload, count, duration, size, consumers, publishers, rate, durability, api, as_json) -> None:
-    """Measure a workload end to end on agents it starts on loopback (clients in separate processes).
+def bench(workload, count, duration, size, consumers, publishers, rate, durability, api, pub_agent, sub_agents,
+          as_json) -> None:
+    """Measure a workload end to end on agents it starts on loopback, or on a running mesh (--agent).
 
     Prints msgs/s, MB/s and latency percentiles from the publish call to the delivery in the
     consuming process.  The request workload needs request/reply, which this build lacks.
@@ -437,7 +442,8 @@ def bench(workload, count, duration, size, consumers, publishers, rate, durabili
             sys.stderr.flush()
     try:
         result = run_bench(workload, None if duration else count, size, consumers, publishers, durability, rate,
-                           progress=progress, duration=duration, api=api)
+                           progress=progress, duration=duration, api=api, pub_agent=pub_agent,
+                           sub_agents=list(sub_agents) or None)
     except (MeshqError, OSError, RuntimeError, ValueError) as e:
         fail(str(e))
     click.echo(json.dumps(result.as_dict()) if as_json else format_result(result))

@@ -97,3 +97,13 @@ def test_deep_outbox_bounded_memory_and_fast_restart():
     assert r["outbox_depth_after_restart"] == 100_001      # plus the probe publish after the restart
     assert r["rss_mib_peak_hwm"] < 200
     assert r["restart_serving_s"] < 5
+
+
+@pytest.mark.timeout(60)
+def test_bench_on_a_running_mesh(agents):
+    """--agent/--sub-agent: the workload runs on agents that are already up."""
+    a = agents.start("a")
+    b = agents.start("b", peers=[a.peer_endpoint])
+    r = run_bench("queue", 2000, 64, 2, pub_agent=a.client_endpoint, sub_agents=[b.client_endpoint, a.client_endpoint])
+    assert r.ok, r.errors
+    assert sum(r.delivered) == 2000
