@@ -246,6 +246,7 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
         self.inbound: dict[tuple[str, str, str], InboundStream] = {}
         self.peers: dict[str, Peer] = {}
         self._dials: dict[Dealer, Peer] = {}          # dealer -> peer (agent id may be unknown yet)
+        self._dealer_peers: dict[Dealer, Peer] = {}   # lookup cache for linked peers (checked on use)
         self.clients: dict[bytes, ClientConn] = {}
         self.local_subs: dict[tuple[bytes, int], LocalSub] = {}
         self._local_index: dict[str, SubjectIndex] = {}
@@ -442,7 +443,7 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
             except RemoteProtocolError as e:
                 self._pubacks.append((ident, [header[0], 0, [[0, len(frames[3]), "malformed", str(e), None]]]))
                 raise
-            self._accept(conn, header[0], items, len(frames[3]))
+            self._accept(conn, header[0], items, len(frames[3]), frames[3])
         elif kind == Kind.ACK:
             self._client_ack(conn, unpack_header(frames[2]))
         elif kind == Kind.NACK:
@@ -652,8 +653,13 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
         wait = limiter.delay_for(min(n - k, limiter.burst), now)
         return k, ["quota", f"tenant {conn.tenant!r} is over its publish rate of {q.publish_rate:g} msgs/s", round(wait, 3)]
 
-    def _accept(self, conn: ClientConn, batch_id: int, items: list, payload_bytes: int = 0) -> None:
-        """Route a client's batch into outbox streams (written at the end of this turn)."""
+    def _accept(self, conn: ClientConn, batch_id: int, items: list, payload_bytes: int = 0,
+                raw: bytes | None = None) -> None:
+        """Route a client's batch into outbox streams (written at the end of this turn).
+
+        `raw` is the client's encoded payload of `items`; a stream that takes the whole
+        batch stores and forwards those bytes as they are instead of re-encoding them.
+        """
         tenant = conn.tenant
         admitted, refusal = self._quota_admit(conn, items, payload_bytes)
         if refusal is not None:
@@ -667,7 +673,17 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
         secret = self.tenants.get(tenant)
         max_body = secret.quotas.max_message_bytes if secret is not None else None
         unrouted = expired = 0
-        for i, item in enumerate(items):
+        n_items = len(items)
+        if (refusal is None and max_body is None and n_items and _one_subject_no_expiry(items)
+                and not self._route_has_filters(tenant, items[0][1])):
+            # hot path: one subject, nothing to check per message: route the batch once
+            self._route_batch(conn, items, rejects, per_stream)
+            if not per_stream and not rejects:
+                unrouted = n_items
+            items_loop = ()
+        else:
+            items_loop = items
+        for i, item in enumerate(items_loop):
             if i >= admitted:
                 _refuse(rejects, i, *refusal)
                 continue
@@ -726,7 +742,8 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
                 stream = self._pick_member(tenant, group, candidates)
                 per_stream.setdefault(stream, []).append(item)
         for stream, lst in per_stream.items():
-            self._enqueue(stream, lst)
+            # a stream gets each item at most once, so a full-length list is the whole batch
+            self._enqueue(stream, lst, raw if raw is not None and len(lst) == n_items else None)
         accepted = len(items) - sum(r[1] - r[0] + 1 for r in rejects)
         self._count("published", accepted, tenant=tenant)
         if accepted < len(items):
@@ -737,14 +754,57 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
             self._count("dropped_expired", expired, tenant=tenant)
         self._pubacks.append((conn.ident, [batch_id, accepted, rejects]))
 
-    def _enqueue(self, stream: StreamKey, items: list) -> None:
-        """Append items to a stream's outbox as one record (written at the end of this turn)."""
+    def _enqueue(self, stream: StreamKey, items: list, payload: bytes | None = None) -> None:
+        """Append items (or their already encoded `payload`) to a stream's outbox as one record."""
         sender = self.senders.get(stream) or self._new_sender(stream, 1, 0)
-        payload = pack(items)
+        if payload is None:
+            payload = pack(items)
         seq = sender.append(len(items), payload)
         self.store.outbox_put(stream, seq, len(items), payload)
         self._outbox_add(stream.tenant, len(items), len(payload))
         self._touched.add(stream)
+
+    def _route_has_filters(self, tenant: str, subject: str) -> bool:
+        """True when some subscription matching `subject` filters by headers (no batch fast path then)."""
+        route = self._route_cache.get((tenant, subject))
+        if route is None:
+            try:
+                validate_subject(subject)
+            except BadSubjectError:
+                return False      # _route_batch reports it
+            route = self._compute_route(tenant, subject)
+        return bool(route[2])
+
+    def _route_batch(self, conn: ClientConn, items: list, rejects: list, per_stream: dict) -> None:
+        """Route a batch whose items share one subject and have no expiry (see `_accept`)."""
+        tenant = conn.tenant
+        subject = items[0][1]
+        if conn.grant is not None:
+            ok = conn.allowed_subjects.get(subject)
+            if ok is None:
+                try:
+                    ok = conn.grant.may_publish(subject)
+                except BadSubjectError:
+                    ok = True   # reported as bad-subject below
+                if len(conn.allowed_subjects) > 10_000:
+                    conn.allowed_subjects.clear()
+                conn.allowed_subjects[subject] = ok
+            if not ok:
+                rejects.append([0, len(items) - 1, "forbidden", f"not allowed to publish to {subject!r}", None])
+                return
+        route = self._route_cache.get((tenant, subject))
+        if route is None:
+            try:
+                validate_subject(subject)
+            except BadSubjectError as e:
+                rejects.append([0, len(items) - 1, "bad-subject", str(e), None])
+                return
+            route = self._compute_route(tenant, subject)
+        plain, groups, _filtered = route     # the caller checked there are no filters
+        for stream in plain:
+            per_stream[stream] = items
+        for group, candidates in groups:
+            per_stream[self._pick_member(tenant, group, candidates)] = items
 
     def _compute_route(self, tenant: str, subject: str) -> tuple:
         """(plain streams, ((group, member streams), ...), filtered) for `subject`, from the directory (cached).
@@ -838,7 +898,8 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
             records = sender.due(now, lambda seq, n, s=stream: self._load(s, seq, n))
             for rec in records:
                 if local:
-                    self._on_deliver(self.agent_id, stream.tenant, stream.lane, rec.seq, rec.attempt, unpack_items(rec.payload))
+                    self._on_deliver(self.agent_id, stream.tenant, stream.lane, rec.seq, rec.attempt,
+                                     unpack_items(rec.payload), rec.payload)
                 else:
                     ok = self.sockets.send(peer.dealer.sock, [Kind.DELIVER, pack([stream.tenant, stream.lane, rec.seq, rec.attempt]), rec.payload])
                     if not ok:
@@ -885,11 +946,14 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
         self._outbox_add(stream.tenant, sender.pending_msgs - before, -freed)
 
     # ------------------------------------------------------------------ receiving
-    def _on_deliver(self, producer: str, tenant: str, lane: str, first_seq: int, attempt: int, items: list) -> None:
+    def _on_deliver(self, producer: str, tenant: str, lane: str, first_seq: int, attempt: int, items: list,
+                    raw: bytes | None = None) -> None:
         key = (tenant, producer, lane)
         st = self.inbound.get(key)
         if st is None:
             st = self.inbound[key] = InboundStream(0)
+        if items and self._deliver_whole(key, st, lane, first_seq, attempt, items, raw):
+            return
         now_ms = int(time.time() * 1000)
         batches: dict[LocalSub, list] = {}
         hold = None
@@ -951,6 +1015,32 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
             self._count("held")
             self._send_dnack(tenant, producer, lane, hold, self._hold_delay(lane))
         self._acks_due.add(key)
+
+    def _deliver_whole(self, key: tuple, st: InboundStream, lane: str, first_seq: int, attempt: int,
+                       items: list, raw: bytes | None) -> bool:
+        """Hot path of `_on_deliver`: a record of new messages, one subject, no expiry, one
+        local consumer takes all of it.  Hands the record over as is (the producer's
+        encoded payload when given) and returns True; False: take the per-message path."""
+        n = len(items)
+        seqs = range(first_seq, first_seq + n)
+        if first_seq <= st.watermark or not st.all_new(seqs) or not _one_subject_no_expiry(items):
+            return False
+        tenant, subject = key[0], items[0][1]
+        targets = self._local_targets(tenant, lane, subject)
+        if not targets or len(targets) != 1 or (lane != "" and len(self._local_cache.get((tenant, lane, subject), ())) != 1):
+            return False
+        sub = targets[0]
+        conn = sub.conn
+        st.start_range(seqs)
+        sub.inflight += n
+        sub.delivered += n
+        first_tag = conn.next_tag
+        conn.next_tag += n
+        conn.outstanding.update(zip(range(first_tag, first_tag + n), [(key, seq, None, sub) for seq in seqs]))
+        self.sockets.send(self.sockets.clients, [conn.ident, Kind.MSG, pack([sub.sid, first_tag, attempt > 1]),
+                                                 raw if raw is not None else pack(items)])
+        self._acks_due.add(key)
+        return True
 
     def _local_targets(self, tenant: str, lane: str, subject: str) -> list | None:
         """Local subscriptions for a message on `lane`; None when one of them is away (hold)."""
@@ -1101,7 +1191,7 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
                 return
             items = unpack_items(frames[3])
             self._count("delivered_in", len(items), tenant=tenant)
-            self._on_deliver(origin, tenant, lane, seq, attempt, items)
+            self._on_deliver(origin, tenant, lane, seq, attempt, items, frames[3])
         elif kind == Kind.HEARTBEAT:
             h = unpack_header(frames[2])
             self.sockets.send(self.sockets.peers, [ident, Kind.HEARTBEAT, pack({"instance": self.instance, "t": header_field(h, "t", float, 0.0)})])
@@ -1193,7 +1283,13 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
         now = time.monotonic()
         peer = self._dials.get(dealer)
         if peer is None:
-            peer = next((p for p in self.peers.values() if p.dealer is dealer), None)
+            peer = self._dealer_peers.get(dealer)
+            if peer is None or peer.dealer is not dealer or self.peers.get(peer.agent_id) is not peer:
+                peer = next((p for p in self.peers.values() if p.dealer is dealer), None)
+                if peer is not None:
+                    if len(self._dealer_peers) > 1000:
+                        self._dealer_peers.clear()
+                    self._dealer_peers[dealer] = peer
         if peer is None:
             return
         if kind == Kind.WELCOME:
@@ -1395,6 +1491,15 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
             self.store.close()
             os.close(self._stop_r)
             os.close(self._stop_w)
+
+
+def _one_subject_no_expiry(items: list) -> bool:
+    """True when every item of a batch has the first item's subject, no expiry and no headers."""
+    subject = items[0][1]
+    for item in items:
+        if item[1] != subject or item[4] is not None or item[2]:
+            return False
+    return True
 
 
 def _refuse(rejects: list, index: int, code: str, text: str, retry_after: float | None = None) -> None:

@@ -1,9 +1,20 @@
 """`meshq bench`: end-to-end workloads on a mesh of local agents, clients in separate processes.
 
-Every figure is end to end: a publisher process calls the public API (`publish_async`,
-`flush`), the agents store (group commit) and forward, consumer processes receive
-through the public API and ack.  Latency is measured from the publish call to the
-delivery in the consuming process (the body carries the wall-clock send time).
+Every figure is end to end: publisher processes call the public API (`publish_many`, or
+`publish_async` per message with ``api="single"``), the agents store (fsync group commit)
+and forward, consumer processes receive through the public API (`next_batch`, or
+`next_msg` per message) and ack.  Latency is measured from the publish call to the
+delivery in the consuming process (each body starts with the wall-clock time of its
+publish call).  The clock of a run starts when the publishers are released and stops
+at the last delivery.
+
+Workloads:
+
+* ``pubsub``: publishers → one subscriber behind a second agent;
+* ``queue``: publishers → a queue group of N consumers, each behind its own agent (total rate);
+* ``fanout``: publishers → N subscribers, each behind its own agent (rate to each).
+
+A ``request`` workload needs request/reply, which this build does not have.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import statistics
 import struct
 import sys
@@ -21,8 +33,11 @@ from dataclasses import asdict, dataclass, field
 
 from ._spawn import AgentProcess
 
-WORKLOADS = ("pubsub", "queue", "fanout", "request")
+WORKLOADS = ("pubsub", "queue", "fanout")
+APIS = ("batch", "single")
 _TS = struct.Struct(">Q")
+_CHUNK = 1000            # bodies per publish_many call when unpaced
+MAX_LAT_SAMPLES = 2_000_000
 
 
 @dataclass
@@ -30,19 +45,23 @@ class BenchResult:
     """What one run measured."""
 
     workload: str
-    count: int
+    count: int                    # messages published (all publishers)
     size: int
     consumers: int
     publishers: int
     durability: str
-    seconds: float
-    msgs_per_s: float             # delivered messages per second, per consumer for fanout
+    seconds: float                # release of the publishers → last delivery
+    msgs_per_s: float             # delivered per second: total (pubsub, queue) or to each consumer (fanout)
     mb_per_s: float
     delivered: list[int] = field(default_factory=list)
     duplicates: int = 0
     latency_ms: dict = field(default_factory=dict)
     publish_seconds: float = 0.0
     rate: float | None = None
+    api: str = "batch"
+    duration: float | None = None
+    ok: bool = True
+    errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -53,169 +72,278 @@ def _percentiles(samples: list[float]) -> dict:
         return {}
     s = sorted(samples)
     pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
-    return {"p50": pick(0.50), "p90": pick(0.90), "p99": pick(0.99), "p99.9": pick(0.999),
-            "max": s[-1], "mean": statistics.fmean(s)}
+    return {"p50": round(pick(0.50), 4), "p90": round(pick(0.90), 4), "p99": round(pick(0.99), 4),
+            "p99.9": round(pick(0.999), 4), "max": round(s[-1], 4), "mean": round(statistics.fmean(s), 4),
+            "samples": len(s)}
 
 
 # ---------------------------------------------------------------- worker processes
-def _consumer_main(endpoint, subject, group, expected, ready, results, idx, idle_timeout) -> None:
-    asyncio.run(_consume(endpoint, subject, group, expected, ready, results, idx, idle_timeout))
+def _consumer_main(endpoint, subject, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
+    asyncio.run(_consume(endpoint, subject, group, api, paced, ready, stop_evt, counters, results, idx))
 
 
-async def _consume(endpoint, subject, group, expected, ready, results, idx, idle_timeout) -> None:
+async def _consume(endpoint, subject, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
     from ._client import connect
     from ._errors import TimeoutError as MqTimeout
     lat: list[float] = []
     got = 0
     last = 0.0
+    unpack = _TS.unpack_from
+    now_ns = time.time_ns
     async with await connect(endpoint, name=f"bench-consumer-{idx}") as mq:
-        sub = await mq.subscribe(subject, group=group)
+        sub = await mq.subscribe(subject.rsplit(".", 1)[0] + ".>", group=group)
         ready.put(idx)
-        now_ns = time.time_ns
-        unpack = _TS.unpack_from
-        while expected is None or got < expected:
+        while not stop_evt.is_set():
             try:
-                msg = await sub.next_msg(timeout=idle_timeout)
+                if api == "batch":
+                    msgs = await sub.next_batch(1000, timeout=0.1)
+                else:
+                    msgs = [await sub.next_msg(timeout=0.1)]
             except MqTimeout:
-                break
+                continue
             t = now_ns()
-            last = time.perf_counter()
-            got += 1
-            if len(msg.data) >= 8:
-                lat.append((t - unpack(msg.data)[0]) / 1e6)
+            last = time.monotonic()
+            got += len(msgs)
+            counters[idx] = got
+            if len(lat) < MAX_LAT_SAMPLES:
+                # every message when paced; unpaced runs sample 1 in 8 (their latency is queueing delay)
+                lat.extend([(t - unpack(m[3])[0]) / 1e6 for m in (msgs if paced else msgs[::8])])
         dups = mq.duplicates
     results.put({"idx": idx, "got": got, "last": last, "lat": lat, "dups": dups})
 
 
-def _publisher_main(endpoint, subject, count, size, rate, start_evt, results, idx) -> None:
-    asyncio.run(_publish(endpoint, subject, count, size, rate, start_evt, results, idx))
+def _publisher_main(endpoint, subject, count, duration, size, rate, api, ready, start_evt, published, results,
+                    idx) -> None:
+    asyncio.run(_publish(endpoint, subject, count, duration, size, rate, api, ready, start_evt, published, results, idx))
 
 
-async def _publish(endpoint, subject, count, size, rate, start_evt, results, idx) -> None:
+async def _publish(endpoint, subject, count, duration, size, rate, api, ready, start_evt, published, results,
+                   idx) -> None:
     from ._client import connect
     pad = b"x" * max(0, size - 8)
+    pack = _TS.pack
+    now_ns = time.time_ns
+    errors: list[str] = []
     async with await connect(endpoint, name=f"bench-publisher-{idx}") as mq:
+        ready.put(("pub", idx))
         while not start_evt.is_set():
-            await asyncio.sleep(0.01)
-        t0 = time.perf_counter()
-        now_ns = time.time_ns
-        pack = _TS.pack
-        if rate:
-            chunk = max(1, int(rate / 1000))          # publish every millisecond
-            sent = 0
-            while sent < count:
-                target = t0 + sent / rate
-                delay = target - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                for _ in range(min(chunk, count - sent)):
-                    await mq.publish_async(subject, pack(now_ns()) + pad)
-                    sent += 1
-        else:
-            for _ in range(count):
-                await mq.publish_async(subject, pack(now_ns()) + pad)
-        await mq.flush()
-        results.put({"idx": idx, "publish_seconds": time.perf_counter() - t0})
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        end = t0 + duration if duration else None
+        limit = count if count else 1 << 62
+        sent = 0
+        acks = []
+        while sent < limit:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                break
+            if rate:
+                due = min(limit, int((now - t0) * rate) + 1)
+                if due <= sent:
+                    await asyncio.sleep(max(0.0, t0 + sent / rate - now))
+                    continue
+                n = due - sent
+            else:
+                n = min(_CHUNK, limit - sent)
+            if api == "batch":
+                acks.append(await mq.publish_many(subject, [pack(now_ns()) + pad for _ in range(n)]))
+            else:
+                for _ in range(n):
+                    acks.append(await mq.publish_async(subject, pack(now_ns()) + pad))
+            sent += n
+            published[idx] = sent
+            if len(acks) > 1000:
+                acks = [a for a in acks if not a.done()]
+            if not rate:
+                await asyncio.sleep(0)   # let the reader take PUBACKs and deliveries in
+        try:
+            await mq.flush(timeout=120)
+            for a in acks:
+                await a
+        except Exception as e:  # refusals and timeouts are reported, not raised
+            errors.append(f"publisher {idx}: {type(e).__name__}: {e}")
+        results.put({"idx": idx, "published": sent, "publish_seconds": time.monotonic() - t0, "errors": errors})
 
 
 # ---------------------------------------------------------------- orchestration
-async def _wait_routes(endpoint: str, agents: int, timeout: float = 15.0) -> None:
-    """Wait until the publisher's agent knows subscriptions from `agents` agents."""
+async def _agent_id(endpoint: str) -> str:
+    from ._client import connect
+    async with await connect(endpoint, name="bench-probe") as mq:
+        return (await mq.status())["id"]
+
+
+async def _wait_routes(endpoint: str, agent_ids: set, timeout: float = 15.0) -> None:
+    """Wait until the publisher's agent knows subscriptions of every agent in `agent_ids`."""
     from ._client import connect
     async with await connect(endpoint, name="bench-probe") as mq:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             st = await mq.status()
-            if sum(1 for p in st["peers"] if p["state"] == "alive" and p.get("subscriptions", 0) > 0) >= agents:
+            seen = {p["id"] for p in st["peers"] if p["state"] == "alive" and p.get("subscriptions", 0) > 0}
+            if agent_ids - {st["id"]} <= seen:
                 return
             await asyncio.sleep(0.05)
     raise RuntimeError("subscriptions did not propagate to the publisher's agent in time")
 
 
-def run_bench(workload: str = "pubsub", count: int = 100_000, size: int = 100, consumers: int = 1,
+def run_bench(workload: str = "pubsub", count: int | None = 100_000, size: int = 100, consumers: int = 1,
               publishers: int = 1, durability: str = "fsync", rate: float | None = None,
-              progress=None, workdir: str | None = None) -> BenchResult:
-    """Start agents on loopback, run one workload, return the figures."""
+              progress=None, workdir: str | None = None, duration: float | None = None,
+              api: str = "batch", stall_timeout: float = 30.0, pub_agent: str | None = None,
+              sub_agents: list[str] | None = None) -> BenchResult:
+    """Start agents on loopback, run one workload, return the figures.
+
+    `count` messages per publisher, or publish for `duration` seconds; `rate` paces each
+    publisher (msgs/s) so latency is that of a loaded, not saturated, mesh; `progress`
+    is called about twice a second with a one-line status.  With `pub_agent` (and
+    `sub_agents`, client endpoints, cycled over the consumers; default: `pub_agent`) the
+    run uses a mesh that is already running instead of starting agents.
+    """
     if workload not in WORKLOADS:
+        if workload == "request":
+            raise NotImplementedError("the request workload needs request/reply, which this build does not have")
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
-    if workload == "request":
-        raise NotImplementedError("the request workload needs request/reply (not in this build)")
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}")
+    if size < 8:
+        raise ValueError("size must be at least 8 bytes (the body carries its send time)")
+    if not count and not duration:
+        raise ValueError("give a count or a duration")
     if workload == "pubsub":
         consumers = 1
     ctx = mp.get_context("spawn")
     extra = ["--durability", durability, "--log-level", "warning"]
+    errors: list[str] = []
     with ExitStack() as stack:
-        tmp = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="meshq-bench-"))
-        pub_agent = stack.enter_context(AgentProcess(os.path.join(tmp, "pub"), name="bench-pub", extra=extra))
-        sub_agents = [stack.enter_context(AgentProcess(os.path.join(tmp, f"sub{i}"), peers=[pub_agent.peer_endpoint],
-                                                       name=f"bench-sub{i}", extra=extra))
-                      for i in range(consumers)]
-        ready, results, start_evt = ctx.Queue(), ctx.Queue(), ctx.Event()
+        if pub_agent is None:
+            tmp = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="meshq-bench-"))
+            pub = stack.enter_context(AgentProcess(os.path.join(tmp, "pub"), name="bench-pub", extra=extra))
+            pub_ep = pub.client_endpoint
+            sub_eps = [stack.enter_context(AgentProcess(os.path.join(tmp, f"sub{i}"), peers=[pub.peer_endpoint],
+                                                        name=f"bench-sub{i}", extra=extra)).client_endpoint
+                       for i in range(consumers)]
+        else:
+            from ._client import resolve_agent
+            pub_ep = resolve_agent(pub_agent)
+            given = [resolve_agent(a) for a in (sub_agents or [pub_agent])]
+            sub_eps = [given[i % len(given)] for i in range(consumers)]
+        subject = f"bench.{os.getpid()}{int(time.time() * 1000) % 100000}.data"
+        ready, results = ctx.Queue(), ctx.Queue()
+        start_evt, stop_evt = ctx.Event(), ctx.Event()
+        delivered_c = ctx.Array("q", consumers, lock=False)
+        published_c = ctx.Array("q", publishers, lock=False)
         group = "bench" if workload == "queue" else None
-        per_consumer = count * publishers if workload in ("pubsub", "fanout") else None
         procs = []
-        for i, agent in enumerate(sub_agents):
+        for i, ep in enumerate(sub_eps):
             p = ctx.Process(target=_consumer_main, daemon=True,
-                            args=(agent.client_endpoint, "bench.>", group, per_consumer, ready, results, i,
-                                  None if per_consumer else 3.0))
+                            args=(ep, subject, group, api, bool(rate), ready, stop_evt, delivered_c, results, i))
             p.start()
             procs.append(p)
-        for _ in sub_agents:
-            ready.get(timeout=30)
-        asyncio.run(_wait_routes(pub_agent.client_endpoint, len(sub_agents)))
+        for _ in sub_eps:
+            ready.get(timeout=60)
+        ids = {asyncio.run(_agent_id(ep)) for ep in set(sub_eps)}
+        asyncio.run(_wait_routes(pub_ep, ids))
         pubs = []
         for i in range(publishers):
             p = ctx.Process(target=_publisher_main, daemon=True,
-                            args=(pub_agent.client_endpoint, "bench.data", count, size, rate, start_evt, results, i))
+                            args=(pub_ep, subject, count if not duration else None, duration, size, rate,
+                                  api, ready, start_evt, published_c, results, i))
             p.start()
             pubs.append(p)
-        time.sleep(0.5)  # let publishers connect
-        t0 = time.perf_counter()
+        for _ in pubs:
+            ready.get(timeout=60)
+        t0 = time.monotonic()
         start_evt.set()
-        outs = []
-        total_waiting = len(procs) + len(pubs)
-        deadline = time.monotonic() + max(120.0, count * publishers / 5000)
-        while len(outs) < total_waiting and time.monotonic() < deadline:
+        pub_out: dict[int, dict] = {}
+        cons_out: dict[int, dict] = {}
+        last_total, last_change, last_report = -1, time.monotonic(), 0.0
+        while True:
             try:
-                outs.append(results.get(timeout=1.0))
-            except Exception:
-                if progress:
-                    progress("waiting…")
-                if not any(p.is_alive() for p in procs + pubs):
+                o = results.get(timeout=0.05)
+                (cons_out if "got" in o else pub_out)[o["idx"]] = o
+            except queue_mod.Empty:
+                pass
+            now = time.monotonic()
+            got = list(delivered_c)
+            total = sum(got)
+            sent = sum(published_c)
+            if total != last_total:
+                last_total, last_change = total, now
+            if progress is not None and now - last_report >= 0.5:
+                last_report = now
+                el = now - t0
+                progress(f"{el:6.1f} s  published {sent:,}  delivered {total:,}  ({total / max(el, 1e-9):,.0f} msgs/s)")
+            if len(pub_out) == publishers:
+                expected = sum(o["published"] for o in pub_out.values())
+                need = [expected] * consumers if workload != "queue" else None
+                if (need is not None and all(g >= expected for g in got)) or (need is None and total >= expected):
+                    break
+            if now - last_change > stall_timeout:
+                errors.append(f"no delivery progress for {stall_timeout:.0f} s")
+                break
+            if not any(p.is_alive() for p in pubs) and len(pub_out) < publishers and results.empty():
+                errors.append("a publisher exited without reporting")
+                break
+        stop_evt.set()
+        deadline = time.monotonic() + 30
+        while len(cons_out) < consumers and time.monotonic() < deadline:
+            try:
+                o = results.get(timeout=0.5)
+                (cons_out if "got" in o else pub_out)[o["idx"]] = o
+            except queue_mod.Empty:
+                if not any(p.is_alive() for p in procs):
                     break
         for p in procs + pubs:
             p.join(10)
             if p.is_alive():
                 p.kill()
-        wall = time.perf_counter() - t0
-    cons = [o for o in outs if "got" in o]
-    pubr = [o for o in outs if "publish_seconds" in o]
-    delivered = [o["got"] for o in sorted(cons, key=lambda o: o["idx"])]
-    lat = [x for o in cons for x in o["lat"]]
-    seconds = max(1e-9, max((o["last"] for o in cons if o["got"]), default=t0 + wall) - t0)
-    if workload == "fanout":
-        rate_out = (min(delivered) if delivered else 0) / seconds
-    else:
+        if progress is not None:
+            progress("")
+    published = sum(o["published"] for o in pub_out.values())
+    for o in pub_out.values():
+        errors.extend(o["errors"])
+    delivered = [cons_out[i]["got"] if i in cons_out else 0 for i in range(consumers)]
+    lat = [x for o in cons_out.values() for x in o["lat"]]
+    dups = sum(o["dups"] for o in cons_out.values())
+    seconds = max(1e-9, max((o["last"] for o in cons_out.values() if o["got"]), default=t0) - t0)
+    if workload == "queue":
+        if sum(delivered) != published:
+            errors.append(f"delivered {sum(delivered)} of {published} published")
         rate_out = sum(delivered) / seconds
-    return BenchResult(workload, count * publishers, size, len(sub_agents), publishers, durability,
+    else:
+        for i, d in enumerate(delivered):
+            if d != published:
+                errors.append(f"consumer {i} got {d} of {published}")
+        rate_out = (min(delivered) if delivered else 0) / seconds
+    if dups:
+        errors.append(f"{dups} duplicates reached the application")
+    return BenchResult(workload, published, size, len(sub_eps), publishers,
+                       durability if pub_agent is None else "of the running mesh",
                        round(seconds, 4), round(rate_out, 1), round(rate_out * size / 1e6, 2), delivered,
-                       sum(o["dups"] for o in cons), _percentiles(lat),
-                       round(max((o["publish_seconds"] for o in pubr), default=0.0), 4), rate)
+                       dups, _percentiles(lat),
+                       round(max((o["publish_seconds"] for o in pub_out.values()), default=0.0), 4), rate,
+                       api, duration, not errors, errors)
 
 
 def format_result(r: BenchResult) -> str:
     """A human summary of one run."""
     lines = [
         f"{r.workload}: {r.count:,} × {r.size} B, {r.publishers} publisher(s), {r.consumers} consumer(s), "
-        f"durability {r.durability}" + (f", paced at {r.rate:,.0f} msgs/s" if r.rate else ""),
-        f"  {r.msgs_per_s:,.0f} msgs/s{' per consumer' if r.workload == 'fanout' else ''}, "
+        f"durability {r.durability}, api {r.api}" + (f", paced at {r.rate:,.0f} msgs/s" if r.rate else ""),
+        f"  {r.msgs_per_s:,.0f} msgs/s{' to each consumer' if r.workload == 'fanout' else ''}, "
         f"{r.mb_per_s:,.1f} MB/s, {r.seconds:.2f} s, delivered {r.delivered}, duplicates {r.duplicates}",
     ]
     if r.latency_ms:
         lm = r.latency_ms
-        lines.append("  latency ms: " + ", ".join(f"{k} {lm[k]:.3f}" for k in ("p50", "p90", "p99", "p99.9", "max")))
+        lines.append("  latency ms (publish call → delivery): "
+                     + ", ".join(f"{k} {lm[k]:.3f}" for k in ("p50", "p90", "p99", "p99.9", "max")))
+    if not r.rate:
+        lines.append("  (unpaced: latency is queueing delay at saturation; use --rate for latency)")
+    if r.errors:
+        lines.append("  ERRORS: " + "; ".join(r.errors))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    print(format_result(run_bench(sys.argv[1] if len(sys.argv) > 1 else "pubsub")))
+    print(format_result(run_bench(sys.argv[1] if len(sys.argv) > 1 else "pubsub",
+                                  int(sys.argv[2]) if len(sys.argv) > 2 else 100_000)))

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import itertools
 import os
+import struct
 import time
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Mapping
@@ -22,7 +23,8 @@ from . import _envelope as env
 from ._envelope import Kind, make_item, pack, unpack_bulk, unpack_header, unpack_items
 from ._auth import load_token_file
 from ._errors import (
-    AuthorizationError, BadFilterError, BadSubjectError, ConnectionClosedError, MeshqError, NoRespondersError, QuotaExceeded,
+    AuthorizationError, BadFilterError, BadSubjectError, ConnectionClosedError, LocalProtocolError, MeshqError,
+    NoRespondersError, QuotaExceeded,
     RemoteProtocolError, TimeoutError,
 )
 from ._deadletter import NOT_BEFORE_HEADER
@@ -114,6 +116,26 @@ class _PubAck:
         return self._batch.future.done()
 
 
+class _ManyAck:
+    """Awaitable confirmation of a `publish_many` call: the ids, once all are durable."""
+
+    __slots__ = ("_spans", "msg_ids")
+
+    def __init__(self, spans: list, msg_ids: list) -> None:
+        self._spans, self.msg_ids = spans, msg_ids
+
+    def __await__(self):
+        for batch, start, end in self._spans:
+            rejects = yield from asyncio.shield(batch.future).__await__()
+            for first, last, *why in rejects or ():
+                if first < end and last >= start:
+                    raise _reject_error(*why)
+        return self.msg_ids
+
+    def done(self) -> bool:
+        return all(b.future.done() for b, _, _ in self._spans)
+
+
 def _reject_error(code: str, text: str, retry_after: float | None = None) -> MeshqError:
     """The typed error for an agent's refusal code."""
     if code == "quota":
@@ -123,13 +145,48 @@ def _reject_error(code: str, text: str, retry_after: float | None = None) -> Mes
 
 
 class _Batch:
-    __slots__ = ("items", "future", "payload", "bytes")
+    """Publishes on their way to the agent as one PUB frame.
+
+    Each message is encoded into its item bytes when it is queued (`parts`, after a slot
+    for the array header), so a batch holds bytes, not per-message Python containers
+    (which the cyclic garbage collector would walk over and over while they wait).
+    """
+
+    __slots__ = ("parts", "n", "future", "payload", "bytes")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.items: list = []
+        self.parts: list = [b""]
+        self.n = 0
         self.future = loop.create_future()
         self.payload = b""
         self.bytes = 0
+
+
+_pack_q = struct.Struct(">Q").pack
+_pack_h = struct.Struct(">H").pack
+_pack_i = struct.Struct(">I").pack
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 65536:
+        return b"\xdc" + _pack_h(n)
+    return b"\xdd" + _pack_i(n)
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 256:
+        return bytes((0xc4, n))
+    if n < 65536:
+        return b"\xc5" + _pack_h(n)
+    return b"\xc6" + _pack_i(n)
+
+
+def _plain_item(msg_id: bytes, subject_enc: bytes, created: int, data: bytes) -> bytes:
+    """The msgpack bytes of [msg_id, subject, nil, created, nil, data] (`subject_enc` is the packed subject)."""
+    return b"".join((b"\x96\xc4\x10", msg_id, subject_enc, b"\xc0\xcf", _pack_q(created), b"\xc0",
+                     _bin_header(len(data)), data))
 
 
 class Subscription:
@@ -146,6 +203,7 @@ class Subscription:
         self._queue: collections.deque = collections.deque()
         self._waiter: asyncio.Future | None = None
         self._last: Message | None = None
+        self._last_batch: list | None = None
         self._outstanding: set[int] = set()
         self._seen: set[bytes] = set()          # ids handed out (a redelivery of one is dropped)
         self._seen_order: collections.deque = collections.deque()
@@ -166,9 +224,8 @@ class Subscription:
 
     async def next_msg(self, timeout: float | None = None) -> Message:
         """The next message; raises TimeoutError after `timeout` seconds, StopAsyncIteration once closed."""
-        if self._last is not None and not self.manual_ack:
-            self._client._ack(self._last)
-            self._last = None
+        if not self.manual_ack and (self._last is not None or self._last_batch is not None):
+            self._auto_ack()
         if not self._confirmed.done():
             await self
         queue = self._queue
@@ -194,6 +251,35 @@ class Subscription:
         self._last = msg
         return msg
 
+    async def next_batch(self, max_msgs: int = 1000, timeout: float | None = None) -> list[Message]:
+        """The messages waiting (at least one, at most `max_msgs`), in order.
+
+        Like `next_msg` for each of them, with one await for the lot; with auto-ack, a
+        batch is acked when the next one is asked for (or at unsubscribe/close).
+        """
+        first = await self.next_msg(timeout)
+        self._last = None
+        queue = self._queue
+        n = min(len(queue), max_msgs - 1)
+        if n > 0:
+            popleft = queue.popleft
+            out = [first, *(popleft() for _ in range(n))]
+            self.delivered += n
+        else:
+            out = [first]
+        if not self.manual_ack:
+            self._last_batch = out
+        return out
+
+    def _auto_ack(self) -> None:
+        """With auto-ack: ack what the application was handed last (it asked for more)."""
+        if self._last is not None:
+            self._client._ack(self._last)
+            self._last = None
+        if self._last_batch is not None:
+            self._client._ack_many(self._last_batch)
+            self._last_batch = None
+
     def _push(self, msgs: list) -> None:
         self._queue.extend(msgs)
         if self._waiter is not None and not self._waiter.done():
@@ -210,9 +296,8 @@ class Subscription:
         """
         if self._closed:
             return
-        if self._last is not None and not self.manual_ack:
-            self._client._ack(self._last)
-            self._last = None
+        if not self.manual_ack:
+            self._auto_ack()
         self._closed = True
         self._client._unsubscribe(self, delete)
         if self._waiter is not None and not self._waiter.done():
@@ -228,7 +313,8 @@ class Subscription:
 class Client:
     """A connection to the local agent (see `connect`)."""
 
-    def __init__(self, endpoint: str, name: str = "", max_pending: int = 100_000, token: str | None = None) -> None:
+    def __init__(self, endpoint: str, name: str = "", max_pending: int = 100_000, token: str | None = None,
+                 max_pending_bytes: int = 32 << 20) -> None:
         self.endpoint = endpoint
         self.name = name
         self._token = token
@@ -241,9 +327,13 @@ class Client:
         self._batch_ids = itertools.count(1)
         self._inflight: dict[int, _Batch] = {}
         self._inflight_msgs = 0
-        self.max_pending = max_pending
+        self._inflight_bytes = 0
+        self.max_pending = max_pending                  # publishes sent and not yet confirmed: at most
+        self.max_pending_bytes = max_pending_bytes      # this many messages and about this many bytes
         self._room = asyncio.Event()
         self._room.set()
+        self._valid_subjects: set[str] = set()
+        self._subject_bytes: dict[str, bytes] = {}
         self._subs: dict[int, Subscription] = {}
         self._sids = itertools.count(1)
         self._acks: list[int] = []
@@ -289,9 +379,8 @@ class Client:
         if self._closed:
             return
         for sub in list(self._subs.values()):
-            if sub._last is not None and not sub.manual_ack:
-                self._ack(sub._last)
-                sub._last = None
+            if not sub.manual_ack:
+                sub._auto_ack()
         self._flush_acks()
         self._closed = True
         with contextlib.suppress(Exception):
@@ -343,9 +432,9 @@ class Client:
                             ttl: float | None = None, delay: float | None = None,
                             not_before: float | None = None) -> _PubAck:
         """Queue a publish; returns an awaitable that completes once it is durable (see `flush`)."""
-        if self._inflight_msgs >= self.max_pending:
+        if self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
             self._flush_now()
-            while self._inflight_msgs >= self.max_pending:
+            while self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
                 self._check_open()
                 self._room.clear()
                 await self._room.wait()
@@ -354,20 +443,98 @@ class Client:
             headers = _with_not_before(headers, delay, not_before)
         return self._enqueue(subject, data, headers, ttl)
 
+    async def publish_many(self, subject: str, bodies, *, headers: Mapping[str, str] | None = None,
+                           ttl: float | None = None) -> "_ManyAck":
+        """Queue one publish per body in `bodies` (same subject, headers and ttl).
+
+        The same as calling `publish_async` for each body, minus the per-call overhead;
+        returns one awaitable that completes (with the list of message ids) once every
+        one of them is durable at the agent, or raises the first refusal.
+        """
+        self._check_open()
+        self._check_subject(subject)
+        if headers is not None or ttl is not None:
+            make_item(b"\0" * 16, subject, headers, 0, None, b"")   # check them once
+            headers = dict(headers) if headers else None
+        ids = self._ids
+        now_ns = time.time_ns
+        plain = headers is None and ttl is None
+        subject_enc = self._subject_enc(subject)
+        spans = []
+        out_ids = []
+        batch = None
+        for data in bodies:
+            if self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
+                self._flush_now()
+                while self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
+                    self._check_open()
+                    self._room.clear()
+                    await self._room.wait()
+                batch = None
+            if type(data) is not bytes:
+                if not isinstance(data, (bytearray, memoryview)):
+                    raise LocalProtocolError(f"message data must be bytes, not {type(data).__name__}")
+                data = bytes(data)
+            t = now_ns()
+            msg_id = ids.next(t)
+            created = t // 1_000_000
+            b = self._batch
+            if b is None:
+                b = self._batch = _Batch(self._loop)
+            if b is not batch:
+                batch = b
+                spans.append([b, b.n, b.n])
+            if plain:
+                b.parts.append(_plain_item(msg_id, subject_enc, created, data))
+            else:
+                b.parts.append(pack([msg_id, subject, headers, created,
+                                     None if ttl is None else created + int(ttl * 1000), data]))
+            b.n += 1
+            spans[-1][2] = b.n
+            out_ids.append(msg_id)
+            b.bytes += len(data) + len(subject) + 32
+            if b.n >= MAX_BATCH_ITEMS or b.bytes >= MAX_BATCH_BYTES:
+                self._flush_now()
+        if self._batch is not None and self._batch.n and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+        return _ManyAck(spans, out_ids)
+
+    def _subject_enc(self, subject: str) -> bytes:
+        enc = self._subject_bytes.get(subject)
+        if enc is None:
+            if len(self._subject_bytes) >= 10_000:
+                self._subject_bytes.clear()
+            enc = self._subject_bytes[subject] = pack(subject)
+        return enc
+
+    def _check_subject(self, subject: str) -> None:
+        valid = self._valid_subjects
+        if subject not in valid:
+            validate_subject(subject)
+            if len(valid) >= 10_000:
+                valid.clear()
+            valid.add(subject)
+
     def _enqueue(self, subject, data, headers, ttl) -> _PubAck:
-        validate_subject(subject)
+        if subject not in self._valid_subjects:
+            self._check_subject(subject)
         now_ns = time.time_ns()
         msg_id = self._ids.next(now_ns)
         created = now_ns // 1_000_000
-        expires = None if ttl is None else created + int(ttl * 1000)
-        item = make_item(msg_id, subject, headers, created, expires, data)
+        if headers is None and ttl is None and type(data) is bytes:
+            part = _plain_item(msg_id, self._subject_enc(subject), created, data)
+        else:
+            expires = None if ttl is None else created + int(ttl * 1000)
+            part = pack(make_item(msg_id, subject, headers, created, expires, data))
         batch = self._batch
         if batch is None:
             batch = self._batch = _Batch(self._loop)
-        batch.items.append(item)
+        batch.parts.append(part)
+        ack = _PubAck(batch, batch.n, msg_id)
+        batch.n += 1
         batch.bytes += len(data) + len(subject) + 32
-        ack = _PubAck(batch, len(batch.items) - 1, msg_id)
-        if len(batch.items) >= MAX_BATCH_ITEMS or batch.bytes >= MAX_BATCH_BYTES:
+        if batch.n >= MAX_BATCH_ITEMS or batch.bytes >= MAX_BATCH_BYTES:
             self._flush_now()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
@@ -377,14 +544,18 @@ class Client:
     def _flush_now(self) -> None:
         self._flush_scheduled = False
         batch = self._batch
-        if batch is None or not batch.items:
+        if batch is None or not batch.n:
             return
         self._batch = None
         batch_id = next(self._batch_ids)
-        batch.payload = pack(batch.items)
-        n = len(batch.items)
+        n = batch.n
+        parts = batch.parts
+        parts[0] = _array_header(n)
+        batch.payload = b"".join(parts)
+        batch.parts = None
         self._inflight[batch_id] = batch
         self._inflight_msgs += n
+        self._inflight_bytes += batch.bytes
         if self._broken is None:
             self._channel.send([Kind.PUB, pack([batch_id]), batch.payload])
 
@@ -411,11 +582,11 @@ class Client:
         batch = self._inflight.pop(h[0], None)
         if batch is None:
             return
-        self._inflight_msgs -= len(batch.items)
-        batch.items = []
+        self._inflight_msgs -= batch.n
+        self._inflight_bytes -= batch.bytes
         if not batch.future.done():
             batch.future.set_result(h[2])
-        if self._inflight_msgs < self.max_pending:
+        if self._inflight_msgs < self.max_pending and self._inflight_bytes < self.max_pending_bytes:
             self._room.set()
 
     # -------------------------------------------------------------- request/reply
@@ -518,8 +689,19 @@ class Client:
         seen, order = sub._seen, sub._seen_order
         epoch = self._epoch
         redelivered = bool(redelivered)
-        msgs = []
         outstanding = sub._outstanding
+        mids = [item[0] for item in items]
+        if seen.isdisjoint(mids) and len(set(mids)) == len(mids):
+            # no duplicates (the usual case): the whole batch at once
+            seen.update(mids)
+            order.extend(mids)
+            tags = range(tag, tag + len(items))
+            outstanding.update(tags)
+            msgs = [Message((item[0], item[1], MappingProxyType(item[2]) if item[2] else _EMPTY, item[5],
+                             redelivered, item[3], item[4], self, sub, t, epoch)) for t, item in zip(tags, items)]
+            items = ()
+        else:
+            msgs = []
         for item in items:
             mid = item[0]
             if mid in seen:
@@ -550,6 +732,20 @@ class Client:
         if len(self._acks) >= 1000:
             self._flush_acks()
         else:
+            self._schedule_acks()
+
+    def _ack_many(self, msgs: list) -> None:
+        epoch = self._epoch
+        acks = self._acks
+        for msg in msgs:
+            sub, tag = msg[8], msg[9]
+            if msg[10] != epoch or tag not in sub._outstanding:
+                continue
+            sub._outstanding.discard(tag)
+            acks.append(tag)
+        if len(acks) >= 1000:
+            self._flush_acks()
+        elif acks:
             self._schedule_acks()
 
     def _nack(self, msg: Message, delay: float) -> None:
@@ -744,8 +940,7 @@ class Client:
         self._acks = []
         for sub in self._subs.values():
             sub._outstanding.clear()
-            if sub._last is not None:
-                sub._last = None
+            sub._last = sub._last_batch = None
             self._send_sub(sub)
         for batch_id in sorted(self._inflight):
             self._channel.send([Kind.PUB, pack([batch_id]), self._inflight[batch_id].payload])
@@ -773,11 +968,12 @@ def _with_not_before(headers: Mapping[str, str] | None, delay: float | None, not
 
 
 async def connect(agent: str | None = None, *, creds: str | None = None, name: str = "", timeout: float = 5.0,
-                  max_pending: int = 100_000) -> Client:
+                  max_pending: int = 100_000, max_pending_bytes: int = 32 << 20) -> Client:
     """Connect to the local agent (`agent`: endpoint or data dir, default $MESHQ_AGENT; `creds`: a token file, default $MESHQ_CREDS)."""
     creds = creds or os.environ.get("MESHQ_CREDS") or None
     token = load_token_file(creds).token if creds else None
-    client = Client(resolve_agent(agent), name=name, max_pending=max_pending, token=token)
+    client = Client(resolve_agent(agent), name=name, max_pending=max_pending, token=token,
+                    max_pending_bytes=max_pending_bytes)
     try:
         await client._handshake(timeout)
     except BaseException:

@@ -141,7 +141,15 @@ def unpack_items(payload: bytes) -> list:
     if type(items) is not list:
         raise RemoteProtocolError("payload is not an array of items")
     for item in items:
-        check_item(item)
+        # the common shape checked inline; anything else (or headers) gets the full check,
+        # which raises with a precise message or accepts
+        if type(item) is not list or len(item) != 6:
+            check_item(item)
+        mid, subject, headers, created, expires, body = item
+        if (type(mid) is not bytes or len(mid) != 16 or type(subject) is not str or not subject
+                or len(subject) > 1024 or type(body) is not bytes or type(created) is not int
+                or headers is not None or (expires is not None and type(expires) is not int)):
+            check_item(item)
     return items
 
 

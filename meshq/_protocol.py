@@ -83,7 +83,7 @@ class StreamSender:
     def __init__(
         self, next_seq: int = 1, acked_through: int = 0, *,
         window_msgs: int = DEFAULT_WINDOW_MSGS, window_records: int = DEFAULT_WINDOW_RECORDS,
-        ack_wait: float = DEFAULT_ACK_WAIT, cache_bytes: int = 8 * 1024 * 1024,
+        ack_wait: float = DEFAULT_ACK_WAIT, cache_bytes: int = 32 * 1024 * 1024,
         rng: random.Random | None = None,
     ) -> None:
         self.next_seq = max(next_seq, acked_through + 1)
@@ -236,6 +236,14 @@ class InboundStream:
     def is_new(self, seq: int) -> bool:
         """True unless `seq` was already handled or is being handled."""
         return seq > self.watermark and seq not in self._done and seq not in self._busy
+
+    def all_new(self, seqs: range) -> bool:
+        """True when no sequence of `seqs` (all above the watermark) was handled or is in progress."""
+        return self._done.isdisjoint(seqs) and self._busy.isdisjoint(seqs)
+
+    def start_range(self, seqs: range) -> None:
+        """Mark every sequence of `seqs` as handed to consumers."""
+        self._busy.update(seqs)
 
     def start(self, seq: int) -> None:
         """Mark `seq` as handed to consumers."""

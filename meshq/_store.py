@@ -19,6 +19,7 @@ durability mode asks for it and the batch holds something that must survive a cr
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from typing import Iterator, NamedTuple
@@ -142,13 +143,26 @@ class Store:
         """Yield (seq, count[, payload]) of a stream's records whose last seq >= from_seq, in order."""
         prefix = _stream_prefix(stream)
         n = len(prefix)
-        it = self._db.iterator(prefix=prefix, include_value=include_value)
+        end = prefix[:-1] + b"\x01"      # the prefix ends with the \x00 separator
+        it = None
         if from_seq:
-            it.seek(prefix + _SEQ.pack(from_seq, 0))
-            try:
-                it.prev()  # step back onto the record that may span from_seq
-            except StopIteration:
-                pass
+            # Sends resume on record boundaries, so a record usually starts exactly at from_seq:
+            # a forward seek finds it without the backward step, which in LevelDB walks back
+            # over the tombstones of every deleted record of the stream (O(acked records)).
+            start = prefix + _SEQ.pack(from_seq, 0)
+            it = self._db.iterator(start=start, stop=end, include_value=include_value)
+            first = next(it, None)
+            if first is not None and _SEQ.unpack_from(first[0] if include_value else first, n)[0] == from_seq:
+                it = itertools.chain((first,), it)
+            else:
+                it = self._db.iterator(prefix=prefix, include_value=include_value)
+                it.seek(start)
+                try:
+                    it.prev()  # step back onto the record that may span from_seq
+                except StopIteration:
+                    pass
+        else:
+            it = self._db.iterator(prefix=prefix, include_value=include_value)
         for entry in it:
             key = entry[0] if include_value else entry
             seq, count = _SEQ.unpack_from(key, n)

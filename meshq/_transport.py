@@ -25,6 +25,8 @@ RECONNECT_IVL_MAX_MS = 2000
 ZMTP_HEARTBEAT_IVL_MS = 1000
 ZMTP_HEARTBEAT_TIMEOUT_MS = 5000
 
+ZERO_COPY_BYTES = 65536          # frames at least this large are sent without copying them
+
 Again = zmq.Again
 
 
@@ -182,7 +184,9 @@ class AgentSockets:
     def send(sock: zmq.Socket, frames: Iterable[bytes]) -> bool:
         """Send without blocking; False when the peer is unknown, gone or full (the outbox resends)."""
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            # large payload frames go zero-copy (libzmq keeps a reference to the bytes);
+            # for small ones a copy is cheaper than tracking the buffer
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < ZERO_COPY_BYTES)
             return True
         except zmq.ZMQError:
             return False
@@ -225,7 +229,7 @@ class ClientChannel:
 
     def send(self, frames: list[bytes]) -> None:
         """Queue frames for the agent (never blocks: HWM is unbounded here)."""
-        self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+        self.sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < ZERO_COPY_BYTES)
 
     async def recv(self) -> list[bytes]:
         """Wait for the next multipart message from the agent."""
