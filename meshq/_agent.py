@@ -1023,7 +1023,8 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
         encoded payload when given) and returns True; False: take the per-message path."""
         n = len(items)
         seqs = range(first_seq, first_seq + n)
-        if first_seq <= st.watermark or not st.all_new(seqs) or not _one_subject_no_expiry(items):
+        if (first_seq <= st.watermark or self._dead or self._filters_local or not st.all_new(seqs)
+                or not _one_subject_no_expiry(items)):
             return False
         tenant, subject = key[0], items[0][1]
         targets = self._local_targets(tenant, lane, subject)
@@ -1036,8 +1037,10 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
         sub.delivered += n
         first_tag = conn.next_tag
         conn.next_tag += n
-        conn.outstanding.update(zip(range(first_tag, first_tag + n), [(key, seq, None, sub) for seq in seqs]))
-        self.sockets.send(self.sockets.clients, [conn.ident, Kind.MSG, pack([sub.sid, first_tag, attempt > 1]),
+        conn.outstanding.update(zip(range(first_tag, first_tag + n),
+                                    [(key, seq, None, sub, item[0]) for seq, item in zip(seqs, items)]))
+        self._track(conn, sub, first_tag, first_tag + n - 1, time.monotonic())
+        self.sockets.send(self.sockets.clients, [conn.ident, Kind.MSG, pack([sub.csid, first_tag, attempt > 1]),
                                                  raw if raw is not None else pack(items)])
         self._acks_due.add(key)
         return True
