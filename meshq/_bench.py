@@ -133,14 +133,17 @@ async def _publish(endpoint, subject, count, duration, size, rate, api, ready, s
         limit = count if count else 1 << 62
         sent = 0
         acks = []
+        burst = max(1, int(rate / 1000)) if rate else 0
         while sent < limit:
             now = time.monotonic()
             if end is not None and now >= end:
                 break
             if rate:
+                # publish what is due in bursts about a millisecond apart: sleeping until each
+                # single message is due would spin the publisher at high rates
                 due = min(limit, int((now - t0) * rate) + 1)
                 if due <= sent:
-                    await asyncio.sleep(max(0.0, t0 + sent / rate - now))
+                    await asyncio.sleep(max(0.0, t0 + (sent + burst) / rate - now))
                     continue
                 n = due - sent
             else:
@@ -152,7 +155,7 @@ async def _publish(endpoint, subject, count, duration, size, rate, api, ready, s
                     acks.append(await mq.publish_async(subject, pack(now_ns()) + pad))
             sent += n
             published[idx] = sent
-            if len(acks) > 1000:
+            if len(acks) > 10_000:
                 acks = [a for a in acks if not a.done()]
             if not rate:
                 await asyncio.sleep(0)   # let the reader take PUBACKs and deliveries in
