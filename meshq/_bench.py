@@ -84,32 +84,34 @@ def _consumer_main(endpoint, subject, group, api, paced, ready, stop_evt, counte
 
 async def _consume(endpoint, subject, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
     from ._client import connect
-    from ._errors import TimeoutError as MqTimeout
     lat: list[float] = []
-    got = 0
-    last = 0.0
+    state = {"got": 0, "last": 0.0}
     unpack = _TS.unpack_from
     now_ns = time.time_ns
     async with await connect(endpoint, name=f"bench-consumer-{idx}") as mq:
         sub = await mq.subscribe(subject.rsplit(".", 1)[0] + ".>", group=group)
+
+        async def read() -> None:
+            # no per-call timeout (it would cost a timer per wait); the watcher below cancels
+            got = 0
+            while True:
+                msgs = await sub.next_batch(1000) if api == "batch" else [await sub.next_msg()]
+                t = now_ns()
+                state["last"] = time.monotonic()
+                got += len(msgs)
+                state["got"] = counters[idx] = got
+                if len(lat) < MAX_LAT_SAMPLES:
+                    # every message when paced; unpaced runs sample 1 in 8 (their latency is queueing delay)
+                    lat.extend([(t - unpack(m[3])[0]) / 1e6 for m in (msgs if paced else msgs[::8])])
+
+        reader = asyncio.create_task(read())
         ready.put(idx)
-        while not stop_evt.is_set():
-            try:
-                if api == "batch":
-                    msgs = await sub.next_batch(1000, timeout=0.1)
-                else:
-                    msgs = [await sub.next_msg(timeout=0.1)]
-            except MqTimeout:
-                continue
-            t = now_ns()
-            last = time.monotonic()
-            got += len(msgs)
-            counters[idx] = got
-            if len(lat) < MAX_LAT_SAMPLES:
-                # every message when paced; unpaced runs sample 1 in 8 (their latency is queueing delay)
-                lat.extend([(t - unpack(m[3])[0]) / 1e6 for m in (msgs if paced else msgs[::8])])
+        while not stop_evt.is_set() and not reader.done():
+            await asyncio.sleep(0.05)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
         dups = mq.duplicates
-    results.put({"idx": idx, "got": got, "last": last, "lat": lat, "dups": dups})
+    results.put({"idx": idx, "got": state["got"], "last": state["last"], "lat": lat, "dups": dups})
 
 
 def _publisher_main(endpoint, subject, count, duration, size, rate, api, ready, start_evt, published, results,
