@@ -388,6 +388,7 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
         self._touched.clear()
         self._flush_acks()
         self.store.commit()
+        self._pump(now)          # deliveries first: they are what end-to-end latency waits for
         if self._pubacks:
             for ident, header in self._pubacks:
                 self.sockets.send(self.sockets.clients, [ident, Kind.PUBACK, pack(header)])
@@ -396,7 +397,6 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
             self._announce()
         if self._dir_save:
             self._dir_save_now()
-        self._pump(now)
         if now >= self._next_timer:
             self._timers(now)
             self._next_timer = now + min(0.1, self.config.heartbeat_interval / 2)

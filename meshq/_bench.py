@@ -84,32 +84,34 @@ def _consumer_main(endpoint, subject, group, api, paced, ready, stop_evt, counte
 
 async def _consume(endpoint, subject, group, api, paced, ready, stop_evt, counters, results, idx) -> None:
     from ._client import connect
-    from ._errors import TimeoutError as MqTimeout
     lat: list[float] = []
-    got = 0
-    last = 0.0
+    state = {"got": 0, "last": 0.0}
     unpack = _TS.unpack_from
     now_ns = time.time_ns
     async with await connect(endpoint, name=f"bench-consumer-{idx}") as mq:
         sub = await mq.subscribe(subject.rsplit(".", 1)[0] + ".>", group=group)
+
+        async def read() -> None:
+            # no per-call timeout (it would cost a timer per wait); the watcher below cancels
+            got = 0
+            while True:
+                msgs = await sub.next_batch(1000) if api == "batch" else [await sub.next_msg()]
+                t = now_ns()
+                state["last"] = time.monotonic()
+                got += len(msgs)
+                state["got"] = counters[idx] = got
+                if len(lat) < MAX_LAT_SAMPLES:
+                    # every message when paced; unpaced runs sample 1 in 8 (their latency is queueing delay)
+                    lat.extend([(t - unpack(m[3])[0]) / 1e6 for m in (msgs if paced else msgs[::8])])
+
+        reader = asyncio.create_task(read())
         ready.put(idx)
-        while not stop_evt.is_set():
-            try:
-                if api == "batch":
-                    msgs = await sub.next_batch(1000, timeout=0.1)
-                else:
-                    msgs = [await sub.next_msg(timeout=0.1)]
-            except MqTimeout:
-                continue
-            t = now_ns()
-            last = time.monotonic()
-            got += len(msgs)
-            counters[idx] = got
-            if len(lat) < MAX_LAT_SAMPLES:
-                # every message when paced; unpaced runs sample 1 in 8 (their latency is queueing delay)
-                lat.extend([(t - unpack(m[3])[0]) / 1e6 for m in (msgs if paced else msgs[::8])])
+        while not stop_evt.is_set() and not reader.done():
+            await asyncio.sleep(0.05)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
         dups = mq.duplicates
-    results.put({"idx": idx, "got": got, "last": last, "lat": lat, "dups": dups})
+    results.put({"idx": idx, "got": state["got"], "last": state["last"], "lat": lat, "dups": dups})
 
 
 def _publisher_main(endpoint, subject, count, duration, size, rate, api, ready, start_evt, published, results,
@@ -133,14 +135,17 @@ async def _publish(endpoint, subject, count, duration, size, rate, api, ready, s
         limit = count if count else 1 << 62
         sent = 0
         acks = []
+        burst = max(1, int(rate / 1000)) if rate else 0
         while sent < limit:
             now = time.monotonic()
             if end is not None and now >= end:
                 break
             if rate:
+                # publish what is due in bursts about a millisecond apart: sleeping until each
+                # single message is due would spin the publisher at high rates
                 due = min(limit, int((now - t0) * rate) + 1)
                 if due <= sent:
-                    await asyncio.sleep(max(0.0, t0 + sent / rate - now))
+                    await asyncio.sleep(max(0.0, t0 + (sent + burst) / rate - now))
                     continue
                 n = due - sent
             else:
@@ -152,7 +157,7 @@ async def _publish(endpoint, subject, count, duration, size, rate, api, ready, s
                     acks.append(await mq.publish_async(subject, pack(now_ns()) + pad))
             sent += n
             published[idx] = sent
-            if len(acks) > 1000:
+            if len(acks) > 10_000:
                 acks = [a for a in acks if not a.done()]
             if not rate:
                 await asyncio.sleep(0)   # let the reader take PUBACKs and deliveries in
