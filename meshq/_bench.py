@@ -14,7 +14,8 @@ Workloads:
 * ``queue``: publishers → a queue group of N consumers, each behind its own agent (total rate);
 * ``fanout``: publishers → N subscribers, each behind its own agent (rate to each).
 
-A ``request`` workload needs request/reply, which this build does not have.
+The ``request`` workload measures request/reply: responders (one queue group) behind their
+own agents, one requester keeping up to ``--concurrency`` requests in flight.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._spawn import AgentProcess
 
-WORKLOADS = ("pubsub", "queue", "fanout")
+WORKLOADS = ("pubsub", "queue", "fanout", "request")
 APIS = ("batch", "single")
 _TS = struct.Struct(">Q")
 _CHUNK = 1000            # bodies per publish_many call when unpaced
@@ -195,7 +196,7 @@ def run_bench(workload: str = "pubsub", count: int | None = 100_000, size: int =
               publishers: int = 1, durability: str = "fsync", rate: float | None = None,
               progress=None, workdir: str | None = None, duration: float | None = None,
               api: str = "batch", stall_timeout: float = 30.0, pub_agent: str | None = None,
-              sub_agents: list[str] | None = None) -> BenchResult:
+              sub_agents: list[str] | None = None, concurrency: int = 100) -> BenchResult:
     """Start agents on loopback, run one workload, return the figures.
 
     `count` messages per publisher, or publish for `duration` seconds; `rate` paces each
@@ -205,8 +206,6 @@ def run_bench(workload: str = "pubsub", count: int | None = 100_000, size: int =
     run uses a mesh that is already running instead of starting agents.
     """
     if workload not in WORKLOADS:
-        if workload == "request":
-            raise NotImplementedError("the request workload needs request/reply, which this build does not have")
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     if api not in APIS:
         raise ValueError(f"api must be one of {APIS}")
@@ -216,6 +215,8 @@ def run_bench(workload: str = "pubsub", count: int | None = 100_000, size: int =
         raise ValueError("give a count or a duration")
     if workload == "pubsub":
         consumers = 1
+    if workload == "request":
+        return _run_request(count or 10_000, size, consumers, durability, concurrency, workdir)
     ctx = mp.get_context("spawn")
     extra = ["--durability", durability, "--log-level", "warning"]
     errors: list[str] = []
@@ -330,8 +331,132 @@ def run_bench(workload: str = "pubsub", count: int | None = 100_000, size: int =
                        api, duration, not errors, errors)
 
 
+# ---------------------------------------------------------------- request/reply
+def _responder_main(endpoint, subject, ready, stop_evt, results, idx) -> None:
+    asyncio.run(_respond(endpoint, subject, ready, stop_evt, results, idx))
+
+
+async def _respond(endpoint, subject, ready, stop_evt, results, idx) -> None:
+    from ._client import connect
+    answered = 0
+    async with await connect(endpoint, name=f"bench-responder-{idx}") as mq:
+        server = await mq.serve(subject)
+
+        async def answer() -> None:
+            nonlocal answered
+            async for msg in server:
+                await msg.respond(msg.data)
+                answered += 1
+
+        task = asyncio.create_task(answer())
+        ready.put(idx)
+        while not stop_evt.is_set():
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    results.put({"idx": idx, "answered": answered})
+
+
+def _requester_main(endpoint, subject, count, size, concurrency, results) -> None:
+    asyncio.run(_request(endpoint, subject, count, size, concurrency, results))
+
+
+async def _request(endpoint, subject, count, size, concurrency, results) -> None:
+    from ._client import connect
+    from ._errors import MeshqError, NoRespondersError
+    body = b"q" * size
+    lat: list[float] = []
+    errors: list[str] = []
+    async with await connect(endpoint, name="bench-requester") as mq:
+        deadline = time.monotonic() + 15
+        while True:      # wait until the responders are in this agent's directory
+            try:
+                await mq.request(subject, body, timeout=2.0)
+                break
+            except NoRespondersError:
+                if time.monotonic() > deadline:
+                    results.put({"lat": [], "seconds": 0.0, "ok": 0, "errors": ["no responders appeared"]})
+                    return
+                await asyncio.sleep(0.05)
+        ok = 0
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            nonlocal ok
+            async with sem:
+                t = time.perf_counter()
+                try:
+                    reply = await mq.request(subject, body, timeout=10.0)
+                except MeshqError as e:
+                    if len(errors) < 10:
+                        errors.append(f"{type(e).__name__}: {e}")
+                    return
+                lat.append((time.perf_counter() - t) * 1000)
+                if reply.data == body:
+                    ok += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one() for _ in range(count)])
+        seconds = time.perf_counter() - t0
+    results.put({"lat": lat, "seconds": seconds, "ok": ok, "errors": errors})
+
+
+def _run_request(count: int, size: int, responders: int, durability: str, concurrency: int,
+                 workdir: str | None) -> BenchResult:
+    """Requests from a process on one agent to `responders` responders, each behind its own agent."""
+    ctx = mp.get_context("spawn")
+    extra = ["--durability", durability, "--log-level", "warning"]
+    with ExitStack() as stack:
+        tmp = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="meshq-bench-"))
+        pub = stack.enter_context(AgentProcess(os.path.join(tmp, "req"), name="bench-req", extra=extra))
+        sub_eps = [stack.enter_context(AgentProcess(os.path.join(tmp, f"rep{i}"), peers=[pub.peer_endpoint],
+                                                    name=f"bench-rep{i}", extra=extra)).client_endpoint
+                   for i in range(responders)]
+        subject = f"bench.req.{os.getpid()}"
+        ready, results, stop_evt = ctx.Queue(), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=_responder_main, daemon=True, args=(ep, subject, ready, stop_evt, results, i))
+                 for i, ep in enumerate(sub_eps)]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=60)
+        req = ctx.Process(target=_requester_main, daemon=True, args=(pub.client_endpoint, subject, count, size,
+                                                                      concurrency, results))
+        req.start()
+        out = None
+        answered = []
+        while out is None:
+            o = results.get(timeout=max(120.0, count / 500))
+            if "lat" in o:
+                out = o
+            else:
+                answered.append(o)
+        stop_evt.set()
+        for p in procs + [req]:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    errors = list(out["errors"])
+    if out["ok"] != count:
+        errors.append(f"{out['ok']} of {count} requests answered correctly")
+    seconds = max(out["seconds"], 1e-9)
+    rate = out["ok"] / seconds
+    return BenchResult("request", count, size, responders, 1, durability, round(seconds, 4), round(rate, 1),
+                       round(rate * size / 1e6, 2), [out["ok"]], 0, _percentiles(out["lat"]), 0.0, None,
+                       "single", None, not errors, errors)
+
+
 def format_result(r: BenchResult) -> str:
     """A human summary of one run."""
+    if r.workload == "request":
+        lm = r.latency_ms or {}
+        lines = [f"request: {r.count:,} × {r.size} B to {r.consumers} responder(s) on their own agents, "
+                 f"durability {r.durability}",
+                 f"  {r.msgs_per_s:,.0f} requests/s, {r.seconds:.2f} s, answered {r.delivered}"]
+        if lm:
+            lines.append("  round trip ms: " + ", ".join(f"{k} {lm[k]:.3f}" for k in ("p50", "p90", "p99", "p99.9", "max")))
+        if r.errors:
+            lines.append("  ERRORS: " + "; ".join(r.errors))
+        return "\n".join(lines)
     lines = [
         f"{r.workload}: {r.count:,} × {r.size} B, {r.publishers} publisher(s), {r.consumers} consumer(s), "
         f"durability {r.durability}, api {r.api}" + (f", paced at {r.rate:,.0f} msgs/s" if r.rate else ""),
