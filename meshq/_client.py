@@ -638,14 +638,7 @@ class Client:
 
     async def directory(self, timeout: float = 5.0) -> dict:
         """The tenant's directory as the local agent sees it (entries of every agent, versions)."""
-        self._check_open()
-        fut = self._loop.create_future()
-        self._dir_waiters.append(fut)
-        self._channel.send([Kind.DIRQ, pack({})])
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"agent directory not received within {timeout} s") from None
+        return await self._ask(Kind.DIRQ, self._dir_waiters, "agent directory", timeout)
 
     # -------------------------------------------------------------- subscribing
     def subscribe(self, subject: str, *, group: str | None = None, durable: str | None = None,
@@ -839,14 +832,18 @@ class Client:
     # -------------------------------------------------------------- status
     async def status(self, timeout: float = 5.0) -> dict:
         """The local agent's status (name, peers, outbox depth, counters)."""
+        return await self._ask(Kind.STATUS, self._status_waiters, "agent status", timeout)
+
+    async def _ask(self, kind: bytes, waiters: collections.deque, what: str, timeout: float) -> Any:
+        """Send a one-shot request frame and wait for the answer its reader hands to `waiters`."""
         self._check_open()
         fut = self._loop.create_future()
-        self._status_waiters.append(fut)
-        self._channel.send([Kind.STATUS, pack({})])
+        waiters.append(fut)
+        self._channel.send([kind, pack({})])
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"agent status not received within {timeout} s") from None
+            raise TimeoutError(f"{what} not received within {timeout} s") from None
 
     # -------------------------------------------------------------- the reader and keeper
     async def _read_loop(self) -> None:
