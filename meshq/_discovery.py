@@ -438,6 +438,7 @@ class MdnsDiscovery(_EventQueue):
             if self._zc is not None or self._closed:
                 raise DiscoveryError("start() called twice or after close()")
             try:
+                # interfaces=None is the real-LAN default (all interfaces); tests always pass explicit IPs
                 ifaces = self._interfaces if self._interfaces is not None else InterfaceChoice.All
                 self._zc = Zeroconf(interfaces=ifaces, ip_version=IPVersion.V4Only)
             except OSError as e:

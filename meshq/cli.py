@@ -193,14 +193,17 @@ async def pub(subject, body, headers, count, ttl, delay, agent, creds) -> None:
 # ---------------------------------------------------------------- sub
 def message_json(msg) -> dict:
     """The JSON Lines shape of a message (data as text, or base64 when not UTF-8)."""
-    out = {"id": msg.id.hex(), "subject": msg.subject, "headers": dict(msg.headers)}
-    try:
-        out["data"] = msg.data.decode("utf-8")
-    except UnicodeDecodeError:
-        out["data"] = base64.b64encode(msg.data).decode()
-        out["encoding"] = "base64"
+    out = {"id": msg.id.hex(), "subject": msg.subject, "headers": dict(msg.headers), **_data_json(msg.data)}
     out["redelivered"] = msg.redelivered
     return out
+
+
+def _data_json(data: bytes) -> dict:
+    """A body for JSON: {"data": text}, or {"data": base64, "encoding": "base64"} when not UTF-8."""
+    try:
+        return {"data": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"data": base64.b64encode(data).decode(), "encoding": "base64"}
 
 
 @main.command(context_settings=CONTEXT)
@@ -311,11 +314,7 @@ async def dlq_show(msg_id, as_json, agent, creds) -> None:
     """Show one dead letter: headers, body and its delivery attempts (agent, time, reason)."""
     async with await connect(agent, creds=creds, name="meshq-dlq") as mq:
         d = await mq.dlq_show(msg_id.lower())
-    data = d["data"]
-    try:
-        d["data"] = data.decode("utf-8")
-    except UnicodeDecodeError:
-        d["data"], d["encoding"] = base64.b64encode(data).decode(), "base64"
+    d.update(_data_json(d["data"]))
     if as_json:
         click.echo(json.dumps(d, indent=2, ensure_ascii=False))
         return
