@@ -39,6 +39,8 @@ MAX_BATCH_ITEMS = 1000
 MAX_BATCH_BYTES = 1 << 20
 HEARTBEAT_INTERVAL = 1.0
 AGENT_SILENCE = 3.0
+ASK_RETRY = 1.0              # seconds before a status/directory request is asked again
+CHECKPOINT_EVERY = 256       # next_msg yields to the event loop at least this often
 
 
 def resolve_agent(agent: str | None) -> str:
@@ -211,6 +213,7 @@ class Subscription:
         self._closed = False
         self.delivered = 0
         self.max_pending = max_pending
+        self._unyielded = 0                     # calls answered from the buffer since the last real await
 
     def __await__(self):
         yield from asyncio.shield(self._confirmed).__await__()
@@ -229,27 +232,35 @@ class Subscription:
         if not self._confirmed.done():
             await self
         queue = self._queue
-        while not queue:
-            if self._closed:
-                raise StopAsyncIteration
-            self._waiter = self._client._loop.create_future()
-            try:
-                if timeout is None:
-                    await self._waiter
-                else:
-                    await asyncio.wait_for(self._waiter, timeout)
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"no message on {self.subject!r} within {timeout} s") from None
-            finally:
-                self._waiter = None
-        msg = queue.popleft()
-        if msg[6] is not None and msg[6] <= time.time() * 1000:
-            self._client._ack(msg)          # expired while it waited here: never handed out
-            self._client.expired_dropped += 1
-            return await self.next_msg(timeout)
-        self.delivered += 1
-        self._last = msg
-        return msg
+        self._unyielded += 1
+        if self._unyielded >= CHECKPOINT_EVERY:
+            # a busy consumer draining a full buffer never awaits anything that blocks; without
+            # this the client's heartbeats stop and the agent detaches it as silent
+            self._unyielded = 0
+            await asyncio.sleep(0)
+        while True:
+            while not queue:
+                if self._closed:
+                    raise StopAsyncIteration
+                self._unyielded = 0
+                self._waiter = self._client._loop.create_future()
+                try:
+                    if timeout is None:
+                        await self._waiter
+                    else:
+                        await asyncio.wait_for(self._waiter, timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"no message on {self.subject!r} within {timeout} s") from None
+                finally:
+                    self._waiter = None
+            msg = queue.popleft()
+            if msg[6] is not None and msg[6] <= time.time() * 1000:
+                self._client._ack(msg)          # expired while it waited here: never handed out
+                self._client.expired_dropped += 1
+                continue
+            self.delivered += 1
+            self._last = msg
+            return msg
 
     async def next_batch(self, max_msgs: int = 1000, timeout: float | None = None) -> list[Message]:
         """The messages waiting (at least one, at most `max_msgs`), in order.
@@ -261,6 +272,7 @@ class Subscription:
         self._last = None
         queue = self._queue
         n = min(len(queue), max_msgs - 1)
+        self._unyielded += n
         if n > 0:
             popleft = queue.popleft
             out = [first, *(popleft() for _ in range(n))]
@@ -835,15 +847,30 @@ class Client:
         return await self._ask(Kind.STATUS, self._status_waiters, "agent status", timeout)
 
     async def _ask(self, kind: bytes, waiters: collections.deque, what: str, timeout: float) -> Any:
-        """Send a one-shot request frame and wait for the answer its reader hands to `waiters`."""
+        """Send a one-shot request frame and wait for the answer its reader hands to `waiters`.
+
+        The request is idempotent and asked again every ASK_RETRY seconds: an agent that
+        restarted, or detached this client as silent, drops the first one unanswered.
+        """
         self._check_open()
         fut = self._loop.create_future()
         waiters.append(fut)
-        self._channel.send([kind, pack({})])
+        deadline = time.monotonic() + timeout
         try:
-            return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"{what} not received within {timeout} s") from None
+            while True:
+                self._channel.send([kind, pack({})])
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{what} not received within {timeout} s")
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), min(left, ASK_RETRY))
+                except asyncio.TimeoutError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"{what} not received within {timeout} s") from None
+        finally:
+            fut.cancel()
+            if fut in waiters:
+                waiters.remove(fut)
 
     # -------------------------------------------------------------- the reader and keeper
     async def _read_loop(self) -> None:

@@ -143,16 +143,18 @@ def test_receiving_agent_killed_and_restarted_loses_nothing(agents):
             await wait_routes(pub_client)
             confirmed: set[int] = set()
             got: list[int] = []
+            missing = set(range(n))
             killed = asyncio.Event()
 
             async def consume():
                 async for msg in sub:
                     got.append(int(msg.data))
+                    missing.discard(got[-1])
                     if len(got) == n // 4 and not killed.is_set():
                         await asyncio.to_thread(b.kill)
                         killed.set()
                         await asyncio.to_thread(agents.start, "b", b_port, [a.peer_endpoint], (), b.data_dir)
-                    if set(got) >= set(range(n)):
+                    if not missing:
                         return
 
             consumer = asyncio.create_task(consume())
