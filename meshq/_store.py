@@ -13,8 +13,15 @@ Layout (all keys bytes; ``\\x00`` separates variable-length parts, which may not
 * ``y\x00<due_ms:8>\x00<tenant>\x00<msg id:16>`` → item: delayed messages, in due order.
 * other single-letter prefixes are reserved for later tables (retained log).
 
+An outbox record of `blob_min_bytes` or more is kept in an append-only segment file
+(`_blobs`, under ``<path>/blobs``); its LevelDB value is then a reference,
+``\xc1<segment:8><offset:8><length:4>`` (``\xc1`` is never the first byte of a msgpack
+payload).  A segment is deleted once no reference points into it; one left mostly empty by
+a record that stays (an offline consumer's) is copied forward when the active segment rolls.
+
 Writes go into one pending write batch; `commit()` writes it, with fsync when the
 durability mode asks for it and the batch holds something that must survive a crash.
+Segments are fdatasync'ed before the batch that refers to them is written.
 """
 
 from __future__ import annotations
@@ -26,10 +33,14 @@ from typing import Iterator, NamedTuple
 
 import plyvel
 
+from ._blobs import BlobLog
 from ._errors import MeshqError, StoreLockedError
 
 _SEQ = struct.Struct(">QI")
 _Q = struct.Struct(">Q")
+_REF = struct.Struct(">BQQI")
+_REF_MARK = 0xC1
+BLOB_MIN_BYTES = 16 << 10         # outbox records this large go to segment files
 
 DURABILITY_MODES = ("fsync", "none")
 
@@ -56,7 +67,8 @@ def _stream_prefix(stream: StreamKey) -> bytes:
 class Store:
     """One LevelDB per agent with a pending write batch and group commit."""
 
-    def __init__(self, path: str, durability: str = "fsync") -> None:
+    def __init__(self, path: str, durability: str = "fsync", blob_min_bytes: int = BLOB_MIN_BYTES,
+                 segment_bytes: int | None = None) -> None:
         if durability not in DURABILITY_MODES:
             raise MeshqError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
         os.makedirs(path, exist_ok=True)
@@ -74,6 +86,13 @@ class Store:
         self._dirty = False
         self._must_sync = False
         self.commits = 0
+        self.blob_min_bytes = blob_min_bytes
+        self._blobs = BlobLog(os.path.join(path, "blobs"), *(() if segment_bytes is None else (segment_bytes,)))
+        self._blob_refs: dict[bytes, tuple[int, int]] = {}   # outbox key -> (segment, length), as staged
+        self._seg_keys: dict[int, set[bytes]] = {}           # segment -> outbox keys referring into it
+        self._seg_live: dict[int, int] = {}                  # segment -> bytes still referred to
+        self._compacting = False
+        self._load_blob_refs()
 
     # -- generic -------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
@@ -100,11 +119,14 @@ class Store:
         if not self._dirty:
             return False
         sync = self._must_sync and self.durability == "fsync"
+        if self._blobs.dirty:
+            self._blobs.sync(durable=self.durability == "fsync")
         batch, self._batch = self._batch, self._db.write_batch()
         self._dirty = self._must_sync = False
         # plyvel's write_batch(sync=) is fixed at creation; write via the DB for a per-commit choice
         batch.write() if not sync else self._write_sync(batch)
         self.commits += 1
+        self._drop_unreferenced_segments()
         return True
 
     def _write_sync(self, batch) -> None:
@@ -123,6 +145,7 @@ class Store:
             self.commit()
         finally:
             self._db.close()
+            self._blobs.close()
 
     # -- metadata ------------------------------------------------------
     def get_meta(self, name: str) -> bytes | None:
@@ -134,10 +157,85 @@ class Store:
     # -- outbox --------------------------------------------------------
     def outbox_put(self, stream: StreamKey, seq: int, count: int, payload: bytes) -> None:
         """Stage one outbox record of `count` messages starting at `seq`."""
-        self.put(_stream_prefix(stream) + _SEQ.pack(seq, count), payload, durable=True)
+        key = _stream_prefix(stream) + _SEQ.pack(seq, count)
+        self._unref(key)
+        if len(payload) >= self.blob_min_bytes:
+            payload = self._append_blob(key, payload)
+        self.put(key, payload, durable=True)
 
     def outbox_delete(self, stream: StreamKey, seq: int, count: int) -> None:
-        self.delete(_stream_prefix(stream) + _SEQ.pack(seq, count))
+        key = _stream_prefix(stream) + _SEQ.pack(seq, count)
+        self._unref(key)
+        self.delete(key)
+
+    # -- large records in segment files ----------------------------------
+    def _append_blob(self, key: bytes, payload: bytes) -> bytes:
+        """Write a record's payload to the segment log; its reference (the value the index keeps)."""
+        before = self._blobs.active
+        seg, offset = self._blobs.append(payload)
+        self._ref(key, seg, offset, len(payload))
+        if seg != before:
+            self._compact_sparse_segment()
+        return _REF.pack(_REF_MARK, seg, offset, len(payload))
+
+    def _ref(self, key: bytes, seg: int, offset: int, length: int) -> None:
+        self._blob_refs[key] = (seg, offset, length)
+        self._seg_keys.setdefault(seg, set()).add(key)
+        self._seg_live[seg] = self._seg_live.get(seg, 0) + length
+
+    def _unref(self, key: bytes) -> None:
+        ref = self._blob_refs.pop(key, None)
+        if ref is not None:
+            seg, _, length = ref
+            self._seg_keys[seg].discard(key)
+            self._seg_live[seg] -= length
+
+    def _resolve(self, value: bytes) -> bytes:
+        """A stored outbox value as its payload (read from a segment when it is a reference)."""
+        if value[0] != _REF_MARK:
+            return value
+        _, seg, offset, length = _REF.unpack(value)
+        return self._blobs.read(seg, offset, length)
+
+    @staticmethod
+    def _stored_size(value: bytes) -> int:
+        return _REF.unpack(value)[3] if value[0] == _REF_MARK else len(value)
+
+    def _load_blob_refs(self) -> None:
+        """Rebuild the reference counts from the index; delete segments nothing refers to."""
+        for key, value in self._db.iterator(prefix=b"o\x00"):
+            if value[0] == _REF_MARK:
+                _, seg, offset, length = _REF.unpack(value)
+                self._ref(key, seg, offset, length)
+        self._drop_unreferenced_segments()
+
+    def _drop_unreferenced_segments(self) -> None:
+        """Delete closed segments that no reference points into (only with nothing staged)."""
+        if self._dirty:
+            return
+        for seg in self._blobs.segments():
+            if seg != self._blobs.active and not self._seg_keys.get(seg):
+                self._blobs.remove(seg)
+                self._seg_keys.pop(seg, None)
+                self._seg_live.pop(seg, None)
+
+    def _compact_sparse_segment(self) -> None:
+        """Copy the live records of one closed, mostly dead segment forward, so that it can go."""
+        if self._compacting:
+            return
+        for seg in self._blobs.segments():
+            if seg != self._blobs.active and self._seg_keys.get(seg) \
+                    and self._seg_live[seg] * 4 < self._blobs.size(seg):
+                self._compacting = True
+                try:
+                    for key in sorted(self._seg_keys[seg]):
+                        _, offset, length = self._blob_refs[key]
+                        payload = self._blobs.read(seg, offset, length)
+                        self._unref(key)
+                        self.put(key, self._append_blob(key, payload), durable=True)
+                finally:
+                    self._compacting = False
+                return
 
     def outbox_records(self, stream: StreamKey, from_seq: int = 0, include_value: bool = True) -> Iterator:
         """Yield (seq, count[, payload]) of a stream's records whose last seq >= from_seq, in order."""
@@ -168,7 +266,7 @@ class Store:
             seq, count = _SEQ.unpack_from(key, n)
             if seq + count - 1 < from_seq:
                 continue
-            yield (seq, count, entry[1]) if include_value else (seq, count)
+            yield (seq, count, self._resolve(entry[1])) if include_value else (seq, count)
 
     def outbox_streams(self) -> Iterator[tuple[StreamKey, int, int]]:
         """Yield (stream, messages, bytes) for every stream that has records."""
@@ -183,7 +281,7 @@ class Store:
                     yield current, msgs, size
                 current, msgs, size = stream, 0, 0
             msgs += count
-            size += len(value)
+            size += self._stored_size(value)
         if current is not None:
             yield current, msgs, size
 

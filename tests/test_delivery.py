@@ -53,11 +53,11 @@ def test_100k_messages_arrive_once_each_in_order(agents):
     asyncio.run(main())
 
 
-async def _publish_through(client, n, subject, confirmed, on_progress=None):
-    """Publish n numbered messages; record the numbers whose publish returned."""
+async def _publish_through(client, n, subject, confirmed, on_progress=None, pad=0):
+    """Publish n numbered messages (padded with `pad` spaces); record the numbers whose publish returned."""
     pending = []
     for i in range(n):
-        pending.append((i, await client.publish_async(subject, str(i).encode())))
+        pending.append((i, await client.publish_async(subject, str(i).encode() + b" " * pad)))
         if len(pending) >= 200:
             await _settle(pending, confirmed)
             if on_progress:
@@ -99,8 +99,8 @@ async def _collect(sub, want, timeout):
 
 
 @pytest.mark.timeout(120)
-def test_publishing_agent_killed_and_restarted_loses_nothing(agents):
-    n = 20_000
+@pytest.mark.parametrize("n,pad", [(20_000, 0), (2_000, 40_000)], ids=["small", "large-in-segments"])
+def test_publishing_agent_killed_and_restarted_loses_nothing(agents, n, pad):
     a_port = free_port()
 
     async def main():
@@ -120,7 +120,7 @@ def test_publishing_agent_killed_and_restarted_loses_nothing(agents):
                     await asyncio.to_thread(agents.start, "a", a_port, (), (), a.data_dir)
 
             collector = asyncio.create_task(_collect(sub, set(range(n)), 90))
-            await _publish_through(pub_client, n, "crash.pub", confirmed, maybe_kill)
+            await _publish_through(pub_client, n, "crash.pub", confirmed, maybe_kill, pad)
             assert killed
             assert len(confirmed) == n   # the client resent what the dead agent never confirmed
             got = await collector
