@@ -91,6 +91,7 @@ class Store:
         self._blob_refs: dict[bytes, tuple[int, int]] = {}   # outbox key -> (segment, length), as staged
         self._seg_keys: dict[int, set[bytes]] = {}           # segment -> outbox keys referring into it
         self._seg_live: dict[int, int] = {}                  # segment -> bytes still referred to
+        self._maybe_unreferenced: set[int] = set()           # segments whose last reference went
         self._compacting = False
         self._load_blob_refs()
 
@@ -187,8 +188,11 @@ class Store:
         ref = self._blob_refs.pop(key, None)
         if ref is not None:
             seg, _, length = ref
-            self._seg_keys[seg].discard(key)
+            keys = self._seg_keys[seg]
+            keys.discard(key)
             self._seg_live[seg] -= length
+            if not keys:
+                self._maybe_unreferenced.add(seg)
 
     def _resolve(self, value: bytes) -> bytes:
         """A stored outbox value as its payload (read from a segment when it is a reference)."""
@@ -207,14 +211,16 @@ class Store:
             if value[0] == _REF_MARK:
                 _, seg, offset, length = _REF.unpack(value)
                 self._ref(key, seg, offset, length)
+        self._maybe_unreferenced.update(self._blobs.segments())
         self._drop_unreferenced_segments()
 
     def _drop_unreferenced_segments(self) -> None:
         """Delete closed segments that no reference points into (only with nothing staged)."""
-        if self._dirty:
+        if self._dirty or not self._maybe_unreferenced:
             return
-        for seg in self._blobs.segments():
-            if seg != self._blobs.active and not self._seg_keys.get(seg):
+        for seg in [s for s in self._maybe_unreferenced if s != self._blobs.active]:
+            self._maybe_unreferenced.discard(seg)
+            if not self._seg_keys.get(seg):
                 self._blobs.remove(seg)
                 self._seg_keys.pop(seg, None)
                 self._seg_live.pop(seg, None)
