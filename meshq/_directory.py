@@ -420,15 +420,16 @@ class Directory:
                 self._complete.pop(origin, None)   # we may miss a purged removal or predate a reset
         complete = self._complete.get(origin, 0)
         slots = self._state.get(origin, {})
-        listed = set()
+        listed: dict[str, int] = {}
         for key, version, value in decoded:
-            listed.add(key)
+            listed[key] = max(version, listed.get(key, 0))
             cur = slots.get(key)
-            if cur is None:
-                if version <= complete:
-                    self.ignored_stale += 1
-                    continue
-            elif not _newer(version, value, cur):
+            if version <= complete and (cur is None or cur.version < version):
+                # complete to `complete`, we hold the newest write up to it: this one was superseded
+                # (e.g. by the full listing of an origin that restarted without its state)
+                self.ignored_stale += 1
+                continue
+            if cur is not None and not _newer(version, value, cur):
                 continue
             new = Entry(origin, key, version, value) if value is not None else _Tomb(version, now)
             self._set(origin, key, new, changes)
@@ -438,8 +439,13 @@ class Directory:
         if complete >= frm and to > complete:
             self._complete[origin] = to
 
-    def _prune(self, origin: str, frm: int, to: int, listed: set, changes: list[Change]) -> None:
-        """Drop live entries with frm < version <= to that the sender (complete to `to`) no longer has."""
+    def _prune(self, origin: str, frm: int, to: int, listed: dict[str, int], changes: list[Change]) -> None:
+        """Drop live entries with frm < version <= to that the sender (complete to `to`) does not have.
+
+        A key the sender lists at an older version counts as not had: complete to `to`, it holds
+        the newest write up to `to`, so ours was superseded (an origin that restarted without
+        its state lists only what it has now).
+        """
         slots = self._state[origin]
         by_version = self._by_version[origin]
         if to - frm <= len(by_version):
@@ -448,7 +454,7 @@ class Directory:
             candidates = [k for k, e in slots.items() if frm < e.version <= to]
         for key in candidates:
             e = slots.get(key)
-            if key not in listed and isinstance(e, Entry) and frm < e.version <= to:
+            if isinstance(e, Entry) and frm < e.version <= to and listed.get(key, 0) < e.version:
                 self._set(origin, key, None, changes)
 
     def _apply_own(self, frm: int, to: int, decoded: list, floor: int) -> None:
