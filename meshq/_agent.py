@@ -593,7 +593,9 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
             raise RemoteProtocolError("ACK header must be a list of tag ranges")
         pop = conn.outstanding.pop
         inbound = self.inbound
+        acks_due = self._acks_due
         attempts = self._attempts
+        last_key = st = None
         for rng in header:
             if type(rng) is not list or len(rng) != 2 or type(rng[0]) is not int or type(rng[1]) is not int:
                 raise RemoteProtocolError("ACK range must be [first, last]")
@@ -610,10 +612,12 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
                     counter[0] -= 1
                     if counter[0] > 0:
                         continue
-                st = inbound.get(key)
+                if key is not last_key:       # consecutive tags nearly always share one stream
+                    last_key, st = key, inbound.get(key)
+                    if st is not None:
+                        acks_due.add(key)
                 if st is not None:
                     st.finish(seq)
-                    self._acks_due.add(key)
                 if attempts:
                     attempts.pop((key, seq), None)
 

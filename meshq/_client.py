@@ -40,7 +40,10 @@ MAX_BATCH_BYTES = 1 << 20
 HEARTBEAT_INTERVAL = 1.0
 AGENT_SILENCE = 3.0
 ASK_RETRY = 1.0              # seconds before a status/directory request is asked again
-CHECKPOINT_EVERY = 256       # next_msg yields to the event loop at least this often
+ACK_BATCH = 1000             # pending acks go out at once when this many gathered (else when the loop comes round)
+# next_msg yields to the event loop at least this often; each yield also flushes the pending
+# acks, so yielding more often than ACK_BATCH multiplies ACK frames and agent turns per message
+CHECKPOINT_EVERY = ACK_BATCH
 
 
 def resolve_agent(agent: str | None) -> str:
@@ -734,7 +737,7 @@ class Client:
             return
         sub._outstanding.discard(tag)
         self._acks.append(tag)
-        if len(self._acks) >= 1000:
+        if len(self._acks) >= ACK_BATCH:
             self._flush_acks()
         else:
             self._schedule_acks()
@@ -748,7 +751,7 @@ class Client:
                 continue
             sub._outstanding.discard(tag)
             acks.append(tag)
-        if len(acks) >= 1000:
+        if len(acks) >= ACK_BATCH:
             self._flush_acks()
         elif acks:
             self._schedule_acks()
