@@ -41,9 +41,9 @@ HEARTBEAT_INTERVAL = 1.0
 AGENT_SILENCE = 3.0
 ASK_RETRY = 1.0              # seconds before a status/directory request is asked again
 ACK_BATCH = 1000             # pending acks go out at once when this many gathered (else when the loop comes round)
-# next_msg yields to the event loop at least this often; each yield also flushes the pending
-# acks, so yielding more often than ACK_BATCH multiplies ACK frames and agent turns per message
-CHECKPOINT_EVERY = ACK_BATCH
+# next_msg yields to the event loop after this long without a real await; by time, not by count:
+# each yield also flushes the pending acks, so a fast consumer must not yield every few messages
+CHECKPOINT_SECONDS = 0.1
 
 
 def resolve_agent(agent: str | None) -> str:
@@ -216,7 +216,7 @@ class Subscription:
         self._closed = False
         self.delivered = 0
         self.max_pending = max_pending
-        self._unyielded = 0                     # calls answered from the buffer since the last real await
+        self._awaited_at = time.monotonic()     # when next_msg last really gave the event loop a turn
 
     def __await__(self):
         yield from asyncio.shield(self._confirmed).__await__()
@@ -235,17 +235,15 @@ class Subscription:
         if not self._confirmed.done():
             await self
         queue = self._queue
-        self._unyielded += 1
-        if self._unyielded >= CHECKPOINT_EVERY:
+        if time.monotonic() - self._awaited_at > CHECKPOINT_SECONDS:
             # a busy consumer draining a full buffer never awaits anything that blocks; without
             # this the client's heartbeats stop and the agent detaches it as silent
-            self._unyielded = 0
             await asyncio.sleep(0)
+            self._awaited_at = time.monotonic()
         while True:
             while not queue:
                 if self._closed:
                     raise StopAsyncIteration
-                self._unyielded = 0
                 self._waiter = self._client._loop.create_future()
                 try:
                     if timeout is None:
@@ -256,6 +254,7 @@ class Subscription:
                     raise TimeoutError(f"no message on {self.subject!r} within {timeout} s") from None
                 finally:
                     self._waiter = None
+                    self._awaited_at = time.monotonic()
             msg = queue.popleft()
             if msg[6] is not None and msg[6] <= time.time() * 1000:
                 self._client._ack(msg)          # expired while it waited here: never handed out
@@ -275,7 +274,6 @@ class Subscription:
         self._last = None
         queue = self._queue
         n = min(len(queue), max_msgs - 1)
-        self._unyielded += n
         if n > 0:
             popleft = queue.popleft
             out = [first, *(popleft() for _ in range(n))]

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 import meshq
-from meshq._client import CHECKPOINT_EVERY
+from meshq._client import CHECKPOINT_SECONDS
 from conftest import wait_until
 
 
 @pytest.mark.timeout(60)
 def test_a_consumer_draining_its_buffer_lets_other_tasks_run(agents):
-    """Draining buffered messages yields now and then, so heartbeats keep flowing."""
-    n = 4 * CHECKPOINT_EVERY + 10
+    """A consumer busy with every message, never awaiting otherwise, still lets heartbeats go out."""
+    n = 400
+    busy = 0.002                  # seconds of synchronous work per message: 0.8 s in all
     a = agents.start("a")
 
     async def main():
@@ -38,9 +40,13 @@ def test_a_consumer_draining_its_buffer_lets_other_tasks_run(agents):
             ticks_before = ticks
             for _ in range(n):      # never waits: everything is already here
                 await sub.next_msg(timeout=1)
+                deadline = time.monotonic() + busy
+                while time.monotonic() < deadline:
+                    pass
             ran = ticks - ticks_before
             other.cancel()
-            assert ran >= n // CHECKPOINT_EVERY - 1, f"other tasks ran {ran} times while {n} messages were drained"
+            assert CHECKPOINT_SECONDS <= 0.2
+            assert ran >= 3, f"other tasks ran {ran} times in {n * busy:.1f} s of busy consumer"
 
     asyncio.run(main())
 
