@@ -84,12 +84,18 @@ def test_a_sparse_segment_is_copied_forward_when_the_log_rolls(workdir):
     reopened.close()
 
 
-def test_segments_without_references_are_removed_at_open(workdir):
+def _closed_store_with_one_large_record(workdir: str) -> str:
+    """A store holding one 5000-byte record of stream A in a segment, closed; its path."""
     path = os.path.join(workdir, "store")
     store = Store(path, blob_min_bytes=1024)
     store.outbox_put(A, 1, 1, os.urandom(5000))
     store.commit()
     store.close()
+    return path
+
+
+def test_segments_without_references_are_removed_at_open(workdir):
+    path = _closed_store_with_one_large_record(workdir)
     stray = os.path.join(path, "blobs", "000000000000.seg")   # e.g. appended, then a crash before the index
     with open(stray, "wb") as f:
         f.write(os.urandom(5000))
@@ -100,11 +106,7 @@ def test_segments_without_references_are_removed_at_open(workdir):
 
 
 def test_a_truncated_segment_is_a_clear_error(workdir):
-    path = os.path.join(workdir, "store")
-    store = Store(path, blob_min_bytes=1024)
-    store.outbox_put(A, 1, 1, os.urandom(5000))
-    store.commit()
-    store.close()
+    path = _closed_store_with_one_large_record(workdir)
     seg = os.path.join(path, "blobs", _segments(path)[0])
     os.truncate(seg, 100)
     again = Store(path, blob_min_bytes=1024)
