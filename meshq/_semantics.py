@@ -337,12 +337,17 @@ class SemanticsMixin:
 
     # ------------------------------------------------------------------ retention and expiry in waiting outboxes
     def _sweep_outboxes(self, now: float) -> None:
-        """Tombstone expired messages, and durable-lane messages past retention, in streams that are stuck."""
+        """Tombstone expired messages, and messages past the tenant's retention, in streams that are stuck.
+
+        Retention covers every lane: a durable's messages wait for it that long, and so do a
+        plain subscriber's whose agent is down (gone for good, they would wait for ever).
+        """
         if now - self._sweep_at < SWEEP_INTERVAL:
             return
         self._sweep_at = now
         now_ms = int(time.time() * 1000)
         swept = self._swept
+        stuck = []
         for stream, sender in list(self.senders.items()):
             if sender.pending_msgs <= 0 or sender.idle:
                 swept.pop(stream, None)
@@ -350,18 +355,15 @@ class SemanticsMixin:
             if swept.get(stream) != sender.acked_through:     # it moved since the last sweep: not stuck
                 swept[stream] = sender.acked_through
                 continue
-            durable = stream.lane.startswith("d:")
-            quotas = self._quotas(stream.tenant)
-            retention_ms = int(quotas.retention_seconds * 1000) if durable else None
+            stuck.append((stream, sender))
+            retention_ms = int(self._quotas(stream.tenant).retention_seconds * 1000)
             self._sweep_stream(stream, sender, now_ms, retention_ms, None)
         for tenant, box in list(self._tenant_outbox.items()):
             limit = self._quotas(tenant).retention_bytes
-            if box[1] <= limit:
-                continue
-            for stream, sender in list(self.senders.items()):
+            for stream, sender in stuck:
                 if box[1] <= limit:
                     break
-                if stream.tenant == tenant and stream.lane.startswith("d:") and sender.pending_msgs > 0:
+                if stream.tenant == tenant and sender.pending_msgs > 0:
                     self._sweep_stream(stream, sender, now_ms, None, limit)
 
     def _sweep_stream(self, stream: StreamKey, sender: Any, now_ms: int, retention_ms: int | None,

@@ -333,6 +333,37 @@ def test_durable_backlog_past_tenant_retention_is_dropped_and_counted(agents, wo
     asyncio.run(main())
 
 
+@pytest.mark.timeout(60)
+def test_plain_subscriber_gone_for_good_its_backlog_goes_at_retention(agents, workdir):
+    """Messages for a plain subscriber whose agent never comes back do not wait for ever."""
+    from meshq._auth import Quotas, create_tenant, issue_token, write_tenant_file, write_token_file
+
+    tenant = create_tenant("ret", Quotas(retention_seconds=1.0))
+    tfile, cfile = os.path.join(workdir, "ret.tenant"), os.path.join(workdir, "ret.creds")
+    write_tenant_file(tfile, tenant)
+    write_token_file(cfile, issue_token(tenant))
+
+    async def main():
+        a = agents.start("a", extra=["--tenant-file", tfile])
+        b = agents.start("b", peers=[a.peer_endpoint], extra=["--tenant-file", tfile])
+        async with await meshq.connect(a.client_endpoint, creds=cfile) as pub:
+            async with await meshq.connect(b.client_endpoint, creds=cfile) as sub_client:
+                await sub_client.subscribe("gone.>")
+                await wait_routes(pub)
+                b.kill()
+            for i in range(50):
+                await pub.publish_async("gone.x", b"x" * 2000)
+            await pub.flush(timeout=20)
+            waiting = (await pub.status())["outbox"]
+            assert waiting["messages"] == 50 and waiting["bytes"] >= 100_000, "they wait for b at first"
+            await wait_until(lambda: _counter_at_least(pub, "dropped_retention", 50), 15,
+                             what="the backlog for the dead agent to pass its retention")
+            # what stays is a tombstone per message (ids and numbering, no bodies), for a b that returns
+            assert (await pub.status())["outbox"]["bytes"] < 10_000
+
+    asyncio.run(main())
+
+
 async def _counter_at_least(client, name, n):
     return await _counter(client, name) >= n
 
