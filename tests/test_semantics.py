@@ -302,14 +302,20 @@ def test_delayed_messages_not_early_and_survive_sending_agent_restart(agents):
 
 
 # ---------------------------------------------------------------- retention (per tenant)
-@pytest.mark.timeout(60)
-def test_durable_backlog_past_tenant_retention_is_dropped_and_counted(agents, workdir):
+def _tenant_with_one_second_retention(workdir) -> tuple[str, str]:
+    """Tenant "ret" (retention 1 s): its tenant file and a client creds file."""
     from meshq._auth import Quotas, create_tenant, issue_token, write_tenant_file, write_token_file
 
     tenant = create_tenant("ret", Quotas(retention_seconds=1.0))
     tfile, cfile = os.path.join(workdir, "ret.tenant"), os.path.join(workdir, "ret.creds")
     write_tenant_file(tfile, tenant)
     write_token_file(cfile, issue_token(tenant))
+    return tfile, cfile
+
+
+@pytest.mark.timeout(60)
+def test_durable_backlog_past_tenant_retention_is_dropped_and_counted(agents, workdir):
+    tfile, cfile = _tenant_with_one_second_retention(workdir)
 
     async def main():
         a = agents.start("a", extra=["--tenant-file", tfile])
@@ -336,12 +342,7 @@ def test_durable_backlog_past_tenant_retention_is_dropped_and_counted(agents, wo
 @pytest.mark.timeout(60)
 def test_plain_subscriber_gone_for_good_its_backlog_goes_at_retention(agents, workdir):
     """Messages for a plain subscriber whose agent never comes back do not wait for ever."""
-    from meshq._auth import Quotas, create_tenant, issue_token, write_tenant_file, write_token_file
-
-    tenant = create_tenant("ret", Quotas(retention_seconds=1.0))
-    tfile, cfile = os.path.join(workdir, "ret.tenant"), os.path.join(workdir, "ret.creds")
-    write_tenant_file(tfile, tenant)
-    write_token_file(cfile, issue_token(tenant))
+    tfile, cfile = _tenant_with_one_second_retention(workdir)
 
     async def main():
         a = agents.start("a", extra=["--tenant-file", tfile])
