@@ -33,13 +33,14 @@ from typing import Iterator, NamedTuple
 
 import plyvel
 
-from ._blobs import BlobLog
+from ._blobs import SEGMENT_BYTES, BlobLog
 from ._errors import MeshqError, StoreLockedError
 
 _SEQ = struct.Struct(">QI")
 _Q = struct.Struct(">Q")
 _REF = struct.Struct(">BQQI")
 _REF_MARK = 0xC1
+_REF_PREFIX = bytes((_REF_MARK,))
 BLOB_MIN_BYTES = 16 << 10         # outbox records this large go to segment files
 
 DURABILITY_MODES = ("fsync", "none")
@@ -68,7 +69,7 @@ class Store:
     """One LevelDB per agent with a pending write batch and group commit."""
 
     def __init__(self, path: str, durability: str = "fsync", blob_min_bytes: int = BLOB_MIN_BYTES,
-                 segment_bytes: int | None = None) -> None:
+                 segment_bytes: int = SEGMENT_BYTES) -> None:
         if durability not in DURABILITY_MODES:
             raise MeshqError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
         os.makedirs(path, exist_ok=True)
@@ -87,8 +88,8 @@ class Store:
         self._must_sync = False
         self.commits = 0
         self.blob_min_bytes = blob_min_bytes
-        self._blobs = BlobLog(os.path.join(path, "blobs"), *(() if segment_bytes is None else (segment_bytes,)))
-        self._blob_refs: dict[bytes, tuple[int, int]] = {}   # outbox key -> (segment, length), as staged
+        self._blobs = BlobLog(os.path.join(path, "blobs"), segment_bytes)
+        self._blob_refs: dict[bytes, tuple[int, int, int]] = {}   # outbox key -> (segment, offset, length), as staged
         self._seg_keys: dict[int, set[bytes]] = {}           # segment -> outbox keys referring into it
         self._seg_live: dict[int, int] = {}                  # segment -> bytes still referred to
         self._maybe_unreferenced: set[int] = set()           # segments whose last reference went
@@ -196,19 +197,19 @@ class Store:
 
     def _resolve(self, value: bytes) -> bytes:
         """A stored outbox value as its payload (read from a segment when it is a reference)."""
-        if value[0] != _REF_MARK:
+        if not value.startswith(_REF_PREFIX):
             return value
         _, seg, offset, length = _REF.unpack(value)
         return self._blobs.read(seg, offset, length)
 
     @staticmethod
     def _stored_size(value: bytes) -> int:
-        return _REF.unpack(value)[3] if value[0] == _REF_MARK else len(value)
+        return _REF.unpack(value)[3] if value.startswith(_REF_PREFIX) else len(value)
 
     def _load_blob_refs(self) -> None:
         """Rebuild the reference counts from the index; delete segments nothing refers to."""
         for key, value in self._db.iterator(prefix=b"o\x00"):
-            if value[0] == _REF_MARK:
+            if value.startswith(_REF_PREFIX):
                 _, seg, offset, length = _REF.unpack(value)
                 self._ref(key, seg, offset, length)
         self._maybe_unreferenced.update(self._blobs.segments())
