@@ -940,11 +940,11 @@ class Agent(DirectoryMixin, RequestMixin, MeshMixin, SemanticsMixin):
         if sender is None:
             return
         freed = 0
-        for seq, count, payload in self.store.outbox_records(stream, 0):
+        for seq, count, size in self.store.outbox_record_sizes(stream):
             if seq + count - 1 > through:
                 break
             self.store.outbox_delete(stream, seq, count)
-            freed += len(payload)
+            freed += size
         before = sender.pending_msgs
         sender.on_ack(through, now)
         self._outbox_add(stream.tenant, sender.pending_msgs - before, -freed)

@@ -275,6 +275,13 @@ class Store:
                 continue
             yield (seq, count, self._resolve(entry[1])) if include_value else (seq, count)
 
+    def outbox_record_sizes(self, stream: StreamKey) -> Iterator[tuple[int, int, int]]:
+        """Yield (seq, count, payload bytes) of a stream's records, in order, without reading large payloads."""
+        n = len(_stream_prefix(stream))
+        for key, value in self._db.iterator(prefix=_stream_prefix(stream)):
+            seq, count = _SEQ.unpack_from(key, n)
+            yield seq, count, self._stored_size(value)
+
     def outbox_streams(self) -> Iterator[tuple[StreamKey, int, int]]:
         """Yield (stream, messages, bytes) for every stream that has records."""
         current: StreamKey | None = None

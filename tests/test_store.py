@@ -34,6 +34,7 @@ def test_large_records_live_in_segments_and_survive_reopen(workdir):
     store.commit()
     assert _records(store, A) == {1: big[0], 2: big[1], 3: big[2], 4: big[3], 5: big[4], 6: b"small"}
     assert list(store.outbox_streams()) == [(A, 6, 5 * 70_000 + 5)]
+    assert list(store.outbox_record_sizes(A)) == [(seq, 1, 70_000) for seq in range(1, 6)] + [(6, 1, 5)]
     index_value = store._db.get(next(store._db.iterator(prefix=b"o\x00", include_value=False)))
     assert len(index_value) < 64, "the index keeps a reference, not the body"
     store.close()
