@@ -446,15 +446,19 @@ class Client:
                             not_before: float | None = None) -> _PubAck:
         """Queue a publish; returns an awaitable that completes once it is durable (see `flush`)."""
         if self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
-            self._flush_now()
-            while self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
-                self._check_open()
-                self._room.clear()
-                await self._room.wait()
+            await self._make_room()
         self._check_open()
         if delay is not None or not_before is not None:
             headers = _with_not_before(headers, delay, not_before)
         return self._enqueue(subject, data, headers, ttl)
+
+    async def _make_room(self) -> None:
+        """Send what is queued and wait until unconfirmed publishes are within both bounds again."""
+        self._flush_now()
+        while self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
+            self._check_open()
+            self._room.clear()
+            await self._room.wait()
 
     async def publish_many(self, subject: str, bodies, *, headers: Mapping[str, str] | None = None,
                            ttl: float | None = None) -> "_ManyAck":
@@ -478,11 +482,7 @@ class Client:
         batch = None
         for data in bodies:
             if self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
-                self._flush_now()
-                while self._inflight_msgs >= self.max_pending or self._inflight_bytes >= self.max_pending_bytes:
-                    self._check_open()
-                    self._room.clear()
-                    await self._room.wait()
+                await self._make_room()
                 batch = None
             if type(data) is not bytes:
                 if not isinstance(data, (bytearray, memoryview)):

@@ -71,3 +71,28 @@ def test_status_asked_while_the_agent_restarts_is_answered(agents):
             assert st["instance"] != first["instance"], "the answer must come from the restarted agent"
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_publishers_wait_within_the_unconfirmed_bounds(agents):
+    """publish_async and publish_many block at max_pending / max_pending_bytes, and every publish lands."""
+    a = agents.start("a")
+
+    async def main():
+        async with await meshq.connect(a.client_endpoint, max_pending=50, max_pending_bytes=20_000) as mq:
+            sub = await mq.subscribe("bound.>")
+            most_msgs = most_bytes = 0
+            for i in range(300):
+                await mq.publish_async("bound.one", b"x" * 500)
+                most_msgs = max(most_msgs, mq._inflight_msgs)
+                most_bytes = max(most_bytes, mq._inflight_bytes)
+            many = await mq.publish_many("bound.many", [b"y" * 500] * 300)
+            await many
+            await mq.flush(timeout=20)
+            assert most_msgs <= 50 and most_bytes <= 20_000 + 1000
+            got = 0
+            while got < 600:
+                got += len(await sub.next_batch(1000, timeout=10))
+            assert got == 600
+
+    asyncio.run(main())
